@@ -1,0 +1,384 @@
+"""HTMuon: Muon with a heavy-tailed spectral correction, plus AdamW for non-matrix parameters.
+
+For each hidden matrix W (m, n) with gradient G, at step t:
+    B <- lerp(B, G, 1 - beta)                  momentum (beta = 0.95)
+    M  = lerp(G, B, beta)  (Nesterov) or B
+    O  = U Σ^p V^T  for  M = U Σ V^T           computed once, on the matrix's owner rank
+    W <- W (1 - lr·wd) - lr · max(1, m/n)^0.5 · O
+Every other parameter gets bias-corrected AdamW with decoupled weight decay.
+
+Which rank does what: momentum, Nesterov blending, weight decay and the update are
+elementwise and run on each rank's local shard; only ``U Σ^p V^T`` needs the whole matrix, and
+:class:`~htmuon_dist.distributed.engine.ExchangeEngine` moves the pieces to the owner and back.
+With one process (or DDP) the same code runs with whole matrices.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from .distributed.backends import describe_params
+from .distributed.engine import ExchangeEngine, SpectralSpec
+from .spectral import get_method, validate_power
+
+_HTMUON_KEYS = ("lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval")
+_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+# What the interval variant runs between its exact steps: Muon's Newton-Schulz polar factor.
+_MUON_SPEC = SpectralSpec(power=0.0, method="ns5", rtol=None)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a (possibly DTensor) tensor, as a plain tensor aliasing it."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class HTMuon(Optimizer):
+    """HTMuon for hidden matrices and AdamW for the rest, in one ``torch.optim.Optimizer``.
+
+    Routing: a param group may carry ``"htmuon": True`` or ``False``. A group without the key is
+    split at construction into an HTMuon group (its >= 2-D parameters) and an AdamW group (the
+    rest), so each keeps its own ``"lr"`` for LR schedulers. Use
+    :func:`htmuon_dist.param_groups` to route a Hugging Face LLaMA by name.
+
+    Args:
+        params: parameters or param groups.
+        lr: HTMuon learning rate (the reference uses 0.03 at 60M/135M, 5e-3 at 350M/1B).
+        power: p in [0, 1]; 0 is Muon, 0.125 the paper's HTMuon.
+        momentum: beta of the momentum buffer.
+        nesterov: blend the gradient with the momentum (Nesterov) before the spectral map.
+        weight_decay: decoupled weight decay of the HTMuon matrices (multiplied by lr).
+        method: spectral method name (see ``htmuon_dist.available_methods()``).
+        rtol: relative singular-value cutoff (default: from the momentum's dtype).
+        interval: if set to k, the exact ``method`` runs on every k-th step only (steps k, 2k,
+            ...) and Muon's Newton–Schulz (power 0) on the others, as the reference's
+            ``htmuon_interval``; the two kinds of step have different scales under one lr.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW settings for non-matrix
+            parameters (the reference: 3e-4... see configs, betas (0.9, 0.95), eps 1e-10).
+        nonfinite: what a NaN/Inf gradient does: "raise" (FloatingPointError naming the
+            parameters, nothing is modified) or "skip" (the whole step is skipped on every
+            rank, a warning is issued and ``skipped_steps`` counts it).
+        process_group: "auto" (detect from the parameters: FSDP2 mesh, FSDP1 group, or the
+            world group for replicated DDP parameters), None (no communication even if
+            torch.distributed is initialised), or an explicit process group.
+        comm_dtype: dtype of the exchanged pieces (None = the momentum's dtype; bf16 halves
+            traffic at ~3 significant digits).
+        bucket_numel: elements of whole matrices per exchange bucket.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.02,
+        power: float = 0.125,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        method: str = "eigh",
+        rtol: Optional[float] = None,
+        interval: Optional[int] = None,
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+        nonfinite: str = "raise",
+        process_group: Any = "auto",
+        comm_dtype: Optional[torch.dtype] = None,
+        bucket_numel: int = 1 << 28,
+    ) -> None:
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self._htmuon_defaults = dict(
+            lr=lr, power=power, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+            method=method, rtol=rtol, interval=interval,
+        )
+        self._adamw_defaults = dict(
+            lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
+        )
+        self.nonfinite = nonfinite
+        self.process_group = process_group
+        self.comm_dtype = comm_dtype
+        self.bucket_numel = int(bucket_numel)
+        self.skipped_steps = 0
+        self._engine: Optional[ExchangeEngine] = None
+        self._engine_key: Optional[tuple] = None
+        self._placements: list = []
+        self._fsdp1_registry: dict = {}
+        groups = list(params)
+        if not groups:
+            raise ValueError("HTMuon got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        super().__init__([g for group in groups for g in self._split(group)], {})
+
+    # -- param groups ------------------------------------------------------------------------
+
+    def _split(self, group: dict) -> list[dict]:
+        """A group without "htmuon" becomes a matrix group and an AdamW group."""
+        group = dict(group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if "htmuon" in group:
+            group["params"] = params
+            return [group]
+        names = group.pop("param_names", None)
+        out = []
+        for is_matrix in (True, False):
+            chosen = [i for i, p in enumerate(params) if (p.ndim >= 2) == is_matrix]
+            if not chosen:
+                continue
+            if is_matrix:  # the group's own keys are HTMuon's; adamw_* keys go to the other half
+                sub = {k: v for k, v in group.items() if not k.startswith("adamw_")}
+            else:
+                sub = {k: v for k, v in group.items() if k not in _HTMUON_KEYS}
+            sub.update(params=[params[i] for i in chosen], htmuon=is_matrix)
+            if names is not None:
+                sub["param_names"] = [names[i] for i in chosen]
+            out.append(sub)
+        return out
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group, filling HTMuon or AdamW defaults and validating them."""
+        if "htmuon" not in param_group:
+            for sub in self._split(param_group):
+                self.add_param_group(sub)
+            return
+        param_group = dict(param_group)
+        if param_group["htmuon"]:
+            defaults = self._htmuon_defaults
+        else:
+            defaults = self._adamw_defaults
+            for key in _ADAMW_KEYS:  # "adamw_lr" in an AdamW group means its "lr"
+                if f"adamw_{key}" in param_group:
+                    param_group[key] = param_group.pop(f"adamw_{key}")
+        for key, value in defaults.items():
+            param_group.setdefault(key, value)
+        self._validate_group(param_group)
+        super().add_param_group(param_group)
+        self._engine = None
+
+    def _validate_group(self, group: dict) -> None:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"a param group mixes devices {sorted(map(str, devices))}; move the model to one "
+                f"device before building the optimizer (or use one group per device)"
+            )
+        if not 0.0 <= float(group["lr"]):
+            raise ValueError(f"lr must be >= 0, got {group['lr']}")
+        if group["htmuon"]:
+            group["power"] = validate_power(group["power"])
+            method = get_method(group["method"])
+            if method.powers == "zero" and group["power"] != 0.0:
+                raise ValueError(
+                    f"method={group['method']!r} computes Muon's polar factor only; it needs "
+                    f"power=0 (got {group['power']}), or choose an HTMuon method"
+                )
+            if not 0.0 <= group["momentum"] < 1.0:
+                raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+            if group["interval"] is not None and (
+                not isinstance(group["interval"], int) or group["interval"] < 1
+            ):
+                raise ValueError(f"interval must be a positive int or None, got {group['interval']!r}")
+        else:
+            beta1, beta2 = group["betas"]
+            if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+                raise ValueError(f"adamw_betas must be in [0, 1), got {group['betas']}")
+            if not group["eps"] > 0.0:
+                raise ValueError(f"adamw_eps must be > 0, got {group['eps']}")
+
+    # -- distribution ------------------------------------------------------------------------
+
+    def _matrix_params(self) -> list[tuple[torch.Tensor, dict, str]]:
+        out = []
+        for g_index, group in enumerate(self.param_groups):
+            if not group["htmuon"]:
+                continue
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                name = names[j] if names else f"param_groups[{g_index}].params[{j}]"
+                out.append((p, group, name))
+        return out
+
+    def _spec(self, group: dict) -> SpectralSpec:
+        return SpectralSpec(power=float(group["power"]), method=group["method"], rtol=group["rtol"])
+
+    def _ensure_engine(self, matrices: list[tuple[torch.Tensor, dict, str]]) -> ExchangeEngine:
+        """Builds layouts and the plan lazily: Accelerate swaps parameters after construction."""
+        key = tuple(id(p) for p, _, _ in matrices) + tuple(
+            (g["power"], g["method"], g["rtol"]) for _, g, _ in matrices
+        )
+        if self._engine is not None and key == self._engine_key:
+            return self._engine
+        params = [p for p, _, _ in matrices]
+        names = [n for _, _, n in matrices]
+        described = describe_params(params, names, self._fsdp1_registry, self.process_group)
+        self._placements = described.placements
+        self.backend = described.backend
+        self._engine = ExchangeEngine(
+            shapes=[pl.shape for pl in described.placements],
+            local_ranges=[pl.local_range for pl in described.placements],
+            specs=[self._spec(g) for _, g, _ in matrices],
+            names=names,
+            group=described.group,
+            comm_dtype=self.comm_dtype,
+            bucket_numel=self.bucket_numel,
+        )
+        self._engine_key = key
+        return self._engine
+
+    @property
+    def engine(self) -> Optional[ExchangeEngine]:
+        """The exchange engine (None before the first step)."""
+        return self._engine
+
+    @property
+    def comm_bytes_last_step(self) -> int:
+        """Bytes this rank sent for the spectral exchange in the last step."""
+        return self._engine.comm_bytes_last_step if self._engine else 0
+
+    # -- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        matrices = self._matrix_params()
+        engine = self._ensure_engine(matrices) if matrices else None
+        adamw = [(p, g) for g in self.param_groups if not g["htmuon"] for p in g["params"]
+                 if p.grad is not None]
+
+        views = [pl.local_view for pl in self._placements] if matrices else []
+        grads = [
+            views[i](_local(p.grad)) if p.grad is not None else None
+            for i, (p, _, _) in enumerate(matrices)
+        ]
+        has_piece = [g is not None and g.numel() > 0 for g in grads]
+        bad = self._nonfinite_names(matrices, grads, adamw)
+        step_no = self._next_step_number(matrices, adamw)
+        if engine is not None:
+            any_bad, active = engine.sync_step(step_no, bool(bad), has_piece)
+        else:
+            any_bad, active = bool(bad), []
+        if any_bad:
+            where = ", ".join(bad) if bad else "on another rank"
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"HTMuon: non-finite gradient ({where}); nothing was updated. Lower the lr, "
+                    f"clip gradients, or pass nonfinite='skip' to skip such steps"
+                )
+            self.skipped_steps += 1
+            warnings.warn(f"HTMuon: skipped a step with non-finite gradients ({where})")
+            return loss
+
+        if matrices:
+            self._matrix_step(matrices, views, grads, active, step_no)
+        self._adamw_step(adamw)
+        return loss
+
+    def _next_step_number(self, matrices, adamw) -> int:
+        """The 1-based number of the step about to run (the same on every rank)."""
+        for p, *_ in matrices or adamw:
+            state = self.state.get(p)
+            if state and "step" in state:
+                return int(state["step"]) + 1
+        return 1
+
+    @staticmethod
+    def _nonfinite_names(matrices, grads, adamw) -> list[str]:
+        flags: list[torch.Tensor] = []
+        names: list[str] = []
+        for (p, _, name), g in zip(matrices, grads):
+            if g is not None and g.numel():
+                flags.append(torch.isfinite(g).all())
+                names.append(name)
+        for j, (p, _) in enumerate(adamw):
+            g = _local(p.grad)
+            if g.numel():
+                flags.append(torch.isfinite(g).all())
+                names.append(f"adamw param {j} {tuple(p.shape)}")
+        if not flags:
+            return []
+        ok = torch.stack([f.to(flags[0].device) for f in flags]).cpu()  # one sync, not one each
+        return [n for n, good in zip(names, ok.tolist()) if not good]
+
+    def _matrix_step(self, matrices, views, grads, active, step_no: int) -> None:
+        engine = self._engine
+        pieces: list[Optional[torch.Tensor]] = []
+        for i, (p, group, _) in enumerate(matrices):
+            if not active[i]:
+                pieces.append(None)
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+                state["step"] = torch.tensor(0.0)
+            buf = views[i](_local(state["momentum_buffer"]))
+            grad = grads[i] if grads[i] is not None else torch.zeros_like(buf)
+            buf.lerp_(grad, 1.0 - group["momentum"])
+            pieces.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf.clone())
+
+        specs = [
+            _MUON_SPEC if g["interval"] and step_no % g["interval"] != 0 else self._spec(g)
+            for _, g, _ in matrices
+        ]
+        updates = engine.run(pieces, specs)
+
+        for i, (p, group, _) in enumerate(matrices):
+            if updates[i] is None:
+                continue
+            state = self.state[p]
+            state["step"] += 1
+            rows, cols = self._placements[i].shape
+            scale = max(1.0, rows / cols) ** 0.5
+            local = views[i](_local(p))
+            lr = group["lr"]
+            if group["weight_decay"]:
+                local.mul_(1.0 - lr * group["weight_decay"])
+            local.add_(updates[i], alpha=-lr * scale)
+
+    def _adamw_step(self, adamw) -> None:
+        for p, group in adamw:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = float(state["step"])
+            beta1, beta2 = group["betas"]
+            grad = _local(p.grad)
+            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+            m.lerp_(grad, 1.0 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            local = _local(p)
+            lr = group["lr"]
+            if group["weight_decay"]:
+                local.mul_(1.0 - lr * group["weight_decay"])
+            denom = (v / (1.0 - beta2**t)).sqrt_().add_(group["eps"])
+            local.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._engine = None  # rebuilt at the next step from the (possibly new) parameters
+
+
+def attach_fsdp1(optimizer: HTMuon, model: torch.nn.Module) -> HTMuon:
+    """Tells ``optimizer`` where each FSDP1 (``use_orig_params=True``) parameter's piece lives.
+
+    One line after wrapping: ``attach_fsdp1(opt, fsdp_model)``. Needed because FSDP1 flattens
+    the original parameters into 1-D views that no longer carry their shapes.
+    """
+    from .distributed.backends import fsdp1
+
+    optimizer._fsdp1_registry = fsdp1.collect(model)
+    optimizer._engine = None
+    return optimizer

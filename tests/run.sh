@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up .venv from nothing (CPU torch, the package with its test extras) and runs the whole
+# test suite. Usage: bash tests/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
+# Elsewhere, point TORCH_INDEX_URL at PyTorch's CPU wheel index to get a CPU build.
+.venv/bin/python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev,deepspeed]"
+export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
+exec .venv/bin/python -m pytest -ra "$@"

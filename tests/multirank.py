@@ -1,0 +1,88 @@
+"""Run a function on W gloo ranks (spawned processes) and collect what each returns.
+
+``run_ranks(fn, W, *args)`` starts W processes with a fresh TCP rendezvous on 127.0.0.1, calls
+``fn(rank, world_size, *args)`` in each after ``init_process_group("gloo")``, and returns the
+per-rank results. An exception in any rank fails the call with that rank's traceback; a rank
+that does not finish within ``timeout`` seconds is killed and fails the call.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, out_dir, pg_timeout):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    result: Any
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=pg_timeout))
+        result = ("ok", fn(rank, world, *args))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 240.0,
+              pg_timeout: float = 60.0, expect_errors: bool = False) -> list:
+    """Runs ``fn`` on ``world_size`` ranks. With ``expect_errors`` the raw ("ok"|"error", value)
+    pairs are returned instead of raising on a rank's error."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_dir, pg_timeout))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        for p in procs:
+            remaining = (deadline - datetime.datetime.now()).total_seconds()
+            p.join(max(remaining, 0.1))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if hung:
+            raise TimeoutError(f"ranks {hung} of {world_size} did not finish within {timeout} s")
+        results = []
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):  # e.g. gloo aborts the process on a size mismatch
+                results.append(("crashed", f"rank {r} died with exit code {procs[r].exitcode}"))
+                continue
+            with open(path, "rb") as f:
+                results.append(pickle.load(f))
+    if expect_errors:
+        return results
+    errors = [f"rank {r}: {v}" for r, (status, v) in enumerate(results) if status != "ok"]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [v for _, v in results]

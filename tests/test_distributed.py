@@ -258,3 +258,48 @@ def test_parameters_swapped_after_construction_are_picked_up():
     for params, backend in run_ranks(rebound_worker, 2):
         assert backend == "fsdp2"
         assert_same_params(params, want)
+
+
+def hsdp_worker(rank, world):
+    """HSDP: 2 replica groups x 2 shards; replicas share the spectral work instead of repeating it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = build("llama")
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = HTMuon(param_groups(model, "reference"), **OPT)
+    lo, hi = rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH
+    for micro_batches in make_batches("llama", 2, 1, PER_RANK_BATCH * world):
+        loss_fn("llama", model, micro_batches[0][lo:hi]).backward()
+        opt.step()
+        opt.zero_grad()
+    owners = opt.engine.plan.owners
+    return full_state(model, "fsdp2"), sorted(set(owners)), opt.comm_bytes_last_step
+
+
+def test_hsdp_mesh_equals_single_process_and_uses_all_ranks():
+    want = reference_run("llama", 4, 2, 1, OPT)
+    results = run_ranks(hsdp_worker, 4)
+    for params, owners, sent in results:
+        assert_same_params(params, want)
+        assert owners == [0, 1, 2, 3]
+
+
+def tensor_parallel_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)]))
+    opt = HTMuon([{"params": [w], "param_names": ["layers.0.attn.o_proj.weight"], "htmuon": True}])
+    w.grad = distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)])
+    opt.step()
+
+
+def test_tensor_parallel_shard1_is_refused_naming_the_parameter():
+    results = run_ranks(tensor_parallel_worker, 2, expect_errors=True, timeout=120)
+    for status, value in results:
+        assert status == "error" and "layers.0.attn.o_proj.weight" in value and "dim 1" in value, value

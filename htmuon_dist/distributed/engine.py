@@ -17,6 +17,7 @@ sends each whole result to the W-1 other ranks.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -80,25 +81,28 @@ class ExchangeEngine:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.specs = list(specs)
         self.comm_dtype = comm_dtype
-        costs = [method_cost(spec.method, m, n) for spec, (m, n) in zip(specs, self.shapes)]
-        self.plan: Plan = make_plan(self.shapes, costs, self.world_size, bucket_numel)
         all_ranges = self._agree(list(local_ranges))
         self.layouts: list[ShardLayout] = []
-        self.sources: list[tuple[Range, ...]] = []
         for i, name in enumerate(self.names):
             ranges = tuple(tuple(r[i]) for r in all_ranges)
             validate_ranges(self.shapes[i], ranges, name)
-            layout = ShardLayout(shape=self.shapes[i], ranges=ranges)  # type: ignore[arg-type]
-            self.layouts.append(layout)
-            self.sources.append(gather_sources(layout, self.plan.owners[i], name))
+            self.layouts.append(ShardLayout(shape=self.shapes[i], ranges=ranges))  # type: ignore[arg-type]
+        # Every rank plans from the same gathered ranges, so the plans agree; _check_plan confirms.
+        costs = [method_cost(spec.method, m, n) for spec, (m, n) in zip(specs, self.shapes)]
+        held = [[l.size_on(r) for r in range(self.world_size)] for l in self.layouts]
+        self.plan: Plan = make_plan(self.shapes, costs, self.world_size, bucket_numel, held)
+        self._check_plan()
+        self.sources: list[tuple[Range, ...]] = [
+            gather_sources(l, self.plan.owners[i], self.names[i]) for i, l in enumerate(self.layouts)
+        ]
         self.comm_bytes_last_step = 0
         self.comm_bytes_total = 0
 
     # -- set-up -------------------------------------------------------------------------
 
     def _agree(self, local_ranges: list[Range]) -> list[list[Range]]:
-        """All-gathers every rank's ranges and checks that all ranks planned the same thing."""
-        digest = self.plan.checksum(repr((self.shapes, self.specs)))
+        """All-gathers every rank's ranges and checks that all ranks have the same matrices."""
+        digest = hashlib.sha1(repr((self.shapes, self.specs, self.world_size)).encode()).hexdigest()[:16]
         if self.world_size == 1:
             return [local_ranges]
         gathered: list = [None] * self.world_size
@@ -107,10 +111,23 @@ class ExchangeEngine:
         if len(digests) != 1:
             detail = ", ".join(f"rank {r}: {g[0]} ({g[1]} matrices)" for r, g in enumerate(gathered))
             raise PlanMismatchError(
-                "HTMuon ranks disagree on the matrix list or the plan (" + detail + "); every "
+                "HTMuon ranks disagree on the matrix list or its settings (" + detail + "); every "
                 "rank must build the optimizer with the same parameters, shapes and settings"
             )
         return [list(g[2]) for g in gathered]
+
+    def _check_plan(self) -> None:
+        """Compares plan digests once: catches nondeterminism (e.g. differing library versions
+        computing different costs) before it turns into mismatched collectives."""
+        if self.world_size == 1:
+            return
+        digests: list = [None] * self.world_size
+        dist.all_gather_object(digests, self.plan.checksum(), group=self.group)
+        if len(set(digests)) != 1:
+            raise PlanMismatchError(
+                f"HTMuon ranks computed different owner plans {digests} from the same inputs; "
+                f"check that every rank runs the same htmuon-dist and torch versions"
+            )
 
     # -- per step -------------------------------------------------------------------------
 

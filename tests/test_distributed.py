@@ -157,11 +157,7 @@ def test_bf16_communication_is_close_and_halves_traffic():
 
 
 def disagreeing_worker(rank, world):
-    model = build("single")
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(model)
-    opt = HTMuon(model.parameters(), power=0.125 if rank == 0 else 0.25)
+    model, opt = _single_matrix_fsdp2(power=0.125 if rank == 0 else 0.25)
     model(torch.randn(4, 7)).sum().backward()
     opt.step()
 
@@ -172,12 +168,13 @@ def test_ranks_that_disagree_on_the_plan_raise():
         assert status == "error" and "PlanMismatchError" in value and "disagree" in value
 
 
-def skipping_worker(rank, world):
-    model = build("single")
-    from torch.distributed.fsdp import fully_shard
+def _single_matrix_fsdp2(**opt_kwargs):
+    model = wrap(build("single"), "single", "fsdp2")
+    return model, HTMuon(model.parameters(), **opt_kwargs)
 
-    fully_shard(model)
-    opt = HTMuon(model.parameters())
+
+def skipping_worker(rank, world):
+    model, opt = _single_matrix_fsdp2()
     for step in range(3):
         model(torch.randn(4, 7)).sum().backward()
         if rank == 1 and step == 2:
@@ -194,11 +191,7 @@ def test_a_rank_that_skips_a_step_makes_the_others_raise_not_hang():
 
 
 def resumed_elsewhere_worker(rank, world):
-    model = build("single")
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(model)
-    opt = HTMuon(model.parameters())
+    model, opt = _single_matrix_fsdp2()
     for step in range(2):
         model(torch.randn(4, 7)).sum().backward()
         opt.step()
@@ -214,11 +207,7 @@ def test_ranks_at_different_steps_raise_a_clear_error():
 
 
 def nonfinite_worker(rank, world):
-    model = build("single")
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(model)
-    opt = HTMuon(model.parameters(), nonfinite="skip")
+    model, opt = _single_matrix_fsdp2(nonfinite="skip")
     model(torch.randn(4, 7)).sum().backward()
     if rank == 1:
         model.w.weight.grad.to_local().fill_(float("nan"))

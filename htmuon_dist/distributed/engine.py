@@ -205,20 +205,26 @@ class ExchangeEngine:
 
     # -- the two exchanges ------------------------------------------------------------------
 
-    def _wire_dtype(self, pieces: Sequence[Optional[torch.Tensor]], bucket: Sequence[int]) -> torch.dtype:
-        if self.comm_dtype is not None:
-            return self.comm_dtype
-        return pieces[bucket[0]].dtype  # type: ignore[union-attr]
+    def _exchange(self, send_chunks: list[list[torch.Tensor]], recv_splits: list[int], like: torch.Tensor):
+        """Packs ``send_chunks[dst]`` back to back and starts one variable-split all_to_all.
 
-    def _device(self, pieces: Sequence[Optional[torch.Tensor]], bucket: Sequence[int]) -> torch.device:
-        return pieces[bucket[0]].device  # type: ignore[union-attr]
+        Returns (async work, receive buffer, bytes sent); ``like`` gives the device and, unless
+        ``comm_dtype`` is set, the wire dtype.
+        """
+        wire = self.comm_dtype or like.dtype
+        send_splits = [sum(c.numel() for c in chunks) for chunks in send_chunks]
+        flat = [c for chunks in send_chunks for c in chunks]
+        send = torch.cat(flat).to(wire) if flat else torch.empty(0, dtype=wire, device=like.device)
+        recv = torch.empty(sum(recv_splits), dtype=wire, device=like.device)
+        work = dist.all_to_all_single(
+            recv, send, recv_splits, send_splits, group=self.group, async_op=True
+        )
+        return work, recv, send.numel() * send.element_size()
 
     def _start_gather(self, bucket, pieces):
         """Packs, per destination owner, this rank's source slices and starts the all_to_all."""
         if self.world_size == 1:
             return None
-        wire = self._wire_dtype(pieces, bucket)
-        device = self._device(pieces, bucket)
         send_chunks: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
         recv_splits = [0] * self.world_size
         for i in bucket:
@@ -233,14 +239,8 @@ class ExchangeEngine:
                     if src != self.rank:
                         start, end = self.sources[i][src]
                         recv_splits[src] += end - start
-        send_splits = [sum(c.numel() for c in chunks) for chunks in send_chunks]
-        flat = [c for chunks in send_chunks for c in chunks]
-        send = torch.cat(flat).to(wire) if flat else torch.empty(0, dtype=wire, device=device)
-        recv = torch.empty(sum(recv_splits), dtype=wire, device=device)
-        work = dist.all_to_all_single(
-            recv, send, recv_splits, send_splits, group=self.group, async_op=True
-        )
-        return work, recv, recv_splits, send.numel() * send.element_size()
+        work, recv, nbytes = self._exchange(send_chunks, recv_splits, pieces[bucket[0]])
+        return work, recv, recv_splits, nbytes
 
     def _finish_gather(self, bucket, pieces, pending) -> tuple[dict[int, torch.Tensor], int]:
         """Waits for the gather and assembles each owned matrix whole (flat, compute dtype)."""
@@ -289,8 +289,6 @@ class ExchangeEngine:
                 out[i] = results[i][start:end].to(pieces[i].dtype)
         if self.world_size == 1:
             return (None, None, None, 0)
-        wire = self._wire_dtype(pieces, bucket)
-        device = self._device(pieces, bucket)
         send_chunks: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
         recv_splits = [0] * self.world_size
         for i in bucket:
@@ -302,14 +300,8 @@ class ExchangeEngine:
                         send_chunks[dst].append(results[i][start:end])
             else:
                 recv_splits[owner] += self.layouts[i].size_on(self.rank)
-        send_splits = [sum(c.numel() for c in chunks) for chunks in send_chunks]
-        flat = [c for chunks in send_chunks for c in chunks]
-        send = torch.cat(flat).to(wire) if flat else torch.empty(0, dtype=wire, device=device)
-        recv = torch.empty(sum(recv_splits), dtype=wire, device=device)
-        work = dist.all_to_all_single(
-            recv, send, recv_splits, send_splits, group=self.group, async_op=True
-        )
-        return (work, recv, (bucket, recv_splits), send.numel() * send.element_size())
+        work, recv, nbytes = self._exchange(send_chunks, recv_splits, pieces[bucket[0]])
+        return (work, recv, (bucket, recv_splits), nbytes)
 
     def _finish_scatter(self, pending, pieces, out) -> None:
         work, recv, meta, _ = pending

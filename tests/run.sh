@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 # torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
 # Elsewhere, point TORCH_INDEX_URL at PyTorch's CPU wheel index to get a CPU build.
 .venv/bin/python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q -e ".[dev,deepspeed]"
+.venv/bin/python -m pip install -q -e ".[dev,deepspeed,train]"
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
 exec .venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,284 @@
+"""Command-line and YAML arguments of the LLaMA pretraining entry point.
+
+Three Hugging Face style dataclasses, parsed by :class:`transformers.HfArgumentParser`:
+``--config x.yaml`` supplies defaults (a flat mapping, or sections ``model:``, ``data:``,
+``train:``), and any ``--name value`` on the command line overrides them. Unset
+hyperparameters (``None``) are filled from the reference table for the model size
+(REFERENCE.md) by :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OPTIMIZERS = ("htmuon", "htmuon_interval", "muon", "adamw")
+STRATEGIES = ("auto", "fsdp2", "fsdp1", "ddp", "deepspeed", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass
+class ModelArguments:
+    """Which LLaMA to build."""
+
+    model: str = field(
+        default="tiny",
+        metadata={"help": "name of a JSON in configs/model/ (tiny, 60m, 135m, 350m, 1b, 3b, 7b) or a path to a LlamaConfig JSON"},
+    )
+    model_overrides: Optional[str] = field(
+        default=None, metadata={"help": 'JSON object merged into the model config, e.g. \'{"num_hidden_layers": 2}\''}
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each decoder layer in backward (less memory, ~30% more compute)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the text comes from and how it becomes token sequences."""
+
+    dataset: str = field(
+        default="offline",
+        metadata={"help": "offline (stdlib docstrings, no download), c4 (allenai/c4 en, streaming), json, text or parquet (with --data_files)"},
+    )
+    data_files: Optional[str] = field(default=None, metadata={"help": "comma-separated files or globs for json/text/parquet"})
+    validation_files: Optional[str] = field(
+        default=None, metadata={"help": "validation files; default: every 20th document of data_files is held out"}
+    )
+    text_field: str = field(default="text", metadata={"help": "column holding the text"})
+    tokenizer: str = field(
+        default="offline",
+        metadata={"help": "offline (byte-level BPE trained on the offline corpus, cached), bytes (plain bytes), or any HF tokenizer name/path (t5-base for the reference)"},
+    )
+    tokenizer_vocab_size: int = field(default=4096, metadata={"help": "vocabulary of the offline BPE tokenizer"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "concatenate documents (EOS-separated) into full sequences; --packing false is the reference mode: one document per sequence, truncated/padded, pad masked in the loss"},
+    )
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "streaming shuffle buffer (documents)"})
+    eval_tokens: int = field(default=10_000_000, metadata={"help": "validation tokens per evaluation (all ranks together)"})
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "cache for the offline corpus and tokenizer (default $HTMUON_CACHE or ~/.cache/htmuon_dist)"}
+    )
+
+
+@dataclass
+class TrainArguments:
+    """Optimisation, schedule, parallelism, logging and checkpoints."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "metrics, checkpoints, plot and the exported model"})
+    optimizer: str = field(default="htmuon", metadata={"help": "htmuon | htmuon_interval | muon | adamw"})
+    lr: Optional[float] = field(default=None, metadata={"help": "lr of the matrix optimizer (adamw: of everything); default from the reference table"})
+    adamw_lr: Optional[float] = field(default=None, metadata={"help": "lr of the AdamW part of htmuon/muon (norm gains...); default: the size's AdamW lr"})
+    power: Optional[float] = field(default=None, metadata={"help": "HTMuon p (default 0.125; muon forces 0)"})
+    spectral_method: Optional[str] = field(default=None, metadata={"help": "eigh (exact, default for htmuon) | svd | ns5 (muon)"})
+    interval: Optional[int] = field(default=None, metadata={"help": "htmuon_interval: exact step every k-th step (default 5)"})
+    param_convention: str = field(
+        default="reference", metadata={"help": "reference (every >=2-D weight incl. embedding/head to HTMuon) | muon (embedding/head to AdamW)"}
+    )
+    weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay of the matrices (AdamW: of >=2-D weights)"})
+    momentum: float = field(default=0.95, metadata={"help": "HTMuon/Muon momentum"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps (exactly); default from the reference table"})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear warmup steps; default max_steps/10"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak lr"})
+    total_batch_size: int = field(default=512, metadata={"help": "sequences per optimizer step over all ranks"})
+    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward pass per rank"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 disables)"})
+    seed: int = field(default=42, metadata={"help": "model init and data order"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | no"})
+    parallel: str = field(
+        default="auto", metadata={"help": "auto (from the accelerate config) | fsdp2 | fsdp1 | ddp | deepspeed | none"}
+    )
+    fsdp_reshard_after_forward: Optional[bool] = field(default=None, metadata={"help": "default: FSDP_RESHARD_AFTER_FORWARD from the accelerate config, else true"})
+    eval_steps: int = field(default=1000, metadata={"help": "evaluate every N steps (and always at the end); 0 = only at the end"})
+    logging_steps: int = field(default=10, metadata={"help": "write metrics every N steps"})
+    save_steps: int = field(default=1000, metadata={"help": "checkpoint every N steps (0 = never)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    resume: str = field(default="auto", metadata={"help": "auto (latest checkpoint in output_dir) | never | a checkpoint directory"})
+    stop_at_step: Optional[int] = field(default=None, metadata={"help": "save and exit after this step (simulates a pre-emption; the schedule still spans max_steps)"})
+    report_to: str = field(default="jsonl,tensorboard", metadata={"help": "comma list of jsonl, tensorboard, wandb (each only if installed), or none"})
+    run_name: Optional[str] = field(default=None, metadata={"help": "name for wandb/TensorBoard"})
+    progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process"})
+    export_model: bool = field(default=True, metadata={"help": "save_pretrained (safetensors) into output_dir/final_model at the end"})
+    plot: bool = field(default=True, metadata={"help": "PNG of train/eval loss at the end (needs matplotlib)"})
+
+
+ARG_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+SECTIONS = {"model": ModelArguments, "data": DataArguments, "train": TrainArguments}
+
+
+@dataclass
+class Config:
+    """The three argument groups plus values derived from them and the world size."""
+
+    model: ModelArguments
+    data: DataArguments
+    train: TrainArguments
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train")}
+
+
+# --- the reference table (REFERENCE.md) -------------------------------------------------------
+# size -> steps, warmup, AdamW lr, Muon lr, HTMuon lr, default HTMuon optimizer. "tiny" is this
+# project's CPU demo (tuned for a few hundred steps, not from the paper).
+REFERENCE_TABLE: dict[str, dict[str, Any]] = {
+    "tiny": dict(max_steps=300, warmup_steps=30, adamw=3e-3, muon=0.02, htmuon=0.05),
+    "60m": dict(max_steps=10_000, warmup_steps=1_000, adamw=1e-3, muon=0.01, htmuon=0.03),
+    "135m": dict(max_steps=20_000, warmup_steps=2_000, adamw=1e-3, muon=0.01, htmuon=0.03),
+    "350m": dict(max_steps=60_000, warmup_steps=6_000, adamw=1e-3, muon=5e-3, htmuon=5e-3),
+    "1b": dict(max_steps=90_000, warmup_steps=9_000, adamw=6e-4, muon=5e-3, htmuon=5e-3),
+}
+# Sizes the paper did not train: the 1B row is the closest guess, and the user is told.
+_EXTRAPOLATED = {"3b": "1b", "7b": "1b"}
+
+
+def _flatten_yaml(data: Any, path: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            allowed = {f.name for f in dataclasses.fields(SECTIONS[key])}
+            for sub_key, sub_value in value.items():
+                if sub_key not in allowed:
+                    _unknown(sub_key, allowed, f"{path} section {key!r}")
+                flat[sub_key] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def _unknown(key: str, allowed: Sequence[str], where: str) -> None:
+    close = difflib.get_close_matches(key, list(allowed), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(f"{where}: unknown option {key!r}{hint}; see `htmuon-train --help`")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
+    """``--config file.yaml`` then command-line overrides -> a resolved-later :class:`Config`."""
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(ARG_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML file of defaults; command-line options override it")
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise ConfigError(f"--config {known.config}: no such file")
+        flat = _flatten_yaml(yaml.safe_load(path.read_text()), str(path))
+        allowed = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)}
+        for key in flat:
+            if key not in allowed:
+                _unknown(key, allowed, str(path))
+        parser.set_defaults(**flat)
+    # The extra Namespace holding --config comes back last; the dataclasses come first.
+    outputs = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    model_args, data_args, train_args = outputs[:3]
+    return Config(model=model_args, data=data_args, train=train_args)
+
+
+def size_key(model: str) -> str:
+    """``configs/model/60m.json`` or ``60m`` -> ``60m`` (the reference table's key)."""
+    return Path(model).stem.lower()
+
+
+def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
+    """Fills defaults from the reference table and checks the batch arithmetic.
+
+    Returns:
+        the config with no ``None`` hyperparameters left, and the gradient accumulation steps.
+
+    Raises:
+        ConfigError: naming the option to change.
+    """
+    t, d = cfg.train, cfg.data
+    if t.optimizer not in OPTIMIZERS:
+        _unknown(t.optimizer, OPTIMIZERS, "--optimizer")
+    if t.parallel not in STRATEGIES:
+        _unknown(t.parallel, STRATEGIES, "--parallel")
+    if t.param_convention not in ("reference", "muon"):
+        raise ConfigError(f"--param_convention must be 'reference' or 'muon', got {t.param_convention!r}")
+    if t.mixed_precision not in ("auto", "bf16", "no"):
+        raise ConfigError(f"--mixed_precision must be auto, bf16 or no, got {t.mixed_precision!r}")
+    from .model import model_config_path
+
+    model_config_path(cfg.model.model)  # a missing model file is the first thing to fix
+    key = size_key(cfg.model.model)
+    row = REFERENCE_TABLE.get(key)
+    if row is None and key in _EXTRAPOLATED:
+        row = REFERENCE_TABLE[_EXTRAPOLATED[key]]
+        if t.lr is None or t.max_steps is None:
+            warnings.warn(f"model {key}: the reference has no hyperparameters for this size; using the {_EXTRAPOLATED[key]} row")
+    if row is None:
+        missing = [n for n in ("lr", "max_steps") if getattr(t, n) is None]
+        if missing:
+            raise ConfigError(
+                f"model {cfg.model.model!r} is not in the reference table ({', '.join(REFERENCE_TABLE)}); "
+                f"pass {' and '.join('--' + m for m in missing)} explicitly"
+            )
+        row = REFERENCE_TABLE["60m"]
+    if t.max_steps is None:
+        t.max_steps = int(row["max_steps"])
+    if t.warmup_steps is None:
+        t.warmup_steps = int(row["warmup_steps"]) if t.max_steps == row["max_steps"] else max(1, t.max_steps // 10)
+    if t.lr is None:
+        t.lr = float({"adamw": row["adamw"], "muon": row["muon"]}.get(t.optimizer, row["htmuon"]))
+    if t.adamw_lr is None:
+        t.adamw_lr = float(row["adamw"])
+    if t.optimizer == "muon":
+        if t.power not in (None, 0, 0.0):
+            raise ConfigError(f"--optimizer muon is HTMuon with power 0; got --power {t.power} (use --optimizer htmuon)")
+        t.power, t.spectral_method = 0.0, t.spectral_method or "ns5"
+    elif t.optimizer in ("htmuon", "htmuon_interval"):
+        t.power = 0.125 if t.power is None else float(t.power)
+        t.spectral_method = t.spectral_method or "eigh"
+        if t.optimizer == "htmuon_interval":
+            t.interval = t.interval or 5
+    if t.max_steps < 1:
+        raise ConfigError(f"--max_steps must be >= 1, got {t.max_steps}")
+    if not 0 <= t.warmup_steps <= t.max_steps:
+        raise ConfigError(f"--warmup_steps must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}")
+    if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
+        raise ConfigError(f"--stop_at_step must be in [1, max_steps={t.max_steps}], got {t.stop_at_step}")
+    if t.micro_batch_size < 1 or t.total_batch_size < 1:
+        raise ConfigError("--micro_batch_size and --total_batch_size must be >= 1")
+    per_step = t.micro_batch_size * world_size
+    if t.total_batch_size % per_step:
+        ok = sorted({m for m in range(1, t.total_batch_size + 1) if t.total_batch_size % (m * world_size) == 0})
+        raise ConfigError(
+            f"--total_batch_size {t.total_batch_size} is not a multiple of micro_batch_size "
+            f"{t.micro_batch_size} x {world_size} processes = {per_step}; change --micro_batch_size "
+            f"(divisors that fit: {ok[-6:]}) or --total_batch_size (e.g. {math.ceil(t.total_batch_size / per_step) * per_step})"
+        )
+    if d.seq_len < 2:
+        raise ConfigError(f"--seq_len must be >= 2, got {d.seq_len}")
+    if d.dataset in ("json", "text", "parquet") and not d.data_files:
+        raise ConfigError(f"--dataset {d.dataset} needs --data_files (comma-separated paths or globs)")
+    if d.dataset not in ("offline", "c4", "json", "text", "parquet"):
+        _unknown(d.dataset, ("offline", "c4", "json", "text", "parquet"), "--dataset")
+    return cfg, t.total_batch_size // per_step
+
+
+def cache_dir(data: DataArguments) -> Path:
+    """Where the offline corpus and tokenizer are cached (shared by runs on this machine)."""
+    root = data.cache_dir or os.environ.get("HTMUON_CACHE") or Path.home() / ".cache" / "htmuon_dist"
+    return Path(root)

@@ -1,0 +1,75 @@
+"""The four optimizers under identical conditions, and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import TrainArguments
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """The parameter's name in the unwrapped model (FSDP1/DDP/compile add prefixes)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def matrix_names(model: nn.Module, convention: str) -> set[str]:
+    """Names routed to HTMuon/Muon, decided on the unwrapped model (FSDP1 flattens parameters to
+    1-D views afterwards, so shapes cannot be read from the wrapped one)."""
+    from htmuon_dist import param_groups
+
+    return {clean_name(n) for g in param_groups(model, convention=convention) if g["htmuon"] for n in g["param_names"]}
+
+
+def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str]) -> torch.optim.Optimizer:
+    """``htmuon``/``htmuon_interval``/``muon``: :class:`htmuon_dist.HTMuon` on ``matrices`` and its
+    AdamW (betas 0.9/0.95, eps 1e-10 as the reference, no weight decay) on the rest.
+    ``adamw``: torch AdamW, betas 0.9/0.95, weight decay on the same matrices only.
+    """
+    named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    unknown = matrices - {n for n, _ in named}
+    if unknown:
+        raise RuntimeError(f"parameters {sorted(unknown)[:3]} were routed but are not in the model")
+    mat = [(n, p) for n, p in named if n in matrices]
+    rest = [(n, p) for n, p in named if n not in matrices]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(
+            [{"params": [p for _, p in mat], "weight_decay": t.weight_decay},
+             {"params": [p for _, p in rest], "weight_decay": 0.0}],
+            lr=t.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+    from htmuon_dist import HTMuon
+
+    groups = [{"params": [p for _, p in mat], "param_names": [n for n, _ in mat], "htmuon": True}]
+    if rest:
+        groups.append({"params": [p for _, p in rest], "param_names": [n for n, _ in rest], "htmuon": False})
+    return HTMuon(
+        groups, lr=t.lr, power=t.power, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay,
+        method=t.spectral_method, interval=t.interval if t.optimizer == "htmuon_interval" else None,
+        adamw_lr=t.adamw_lr, adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_weight_decay=0.0,
+    )
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Multiplier of the peak lr at scheduler step s (0-based; step s is the (s+1)-th update):
+    linear warmup from 1/warmup to 1 over ``warmup`` updates, then cosine to ``min_ratio`` at
+    the last update."""
+
+    def f(s: int) -> float:
+        if warmup > 0 and s < warmup:
+            return (s + 1) / warmup
+        decay = max(1, total - warmup - 1)
+        progress = min(1.0, (s - warmup) / decay)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainArguments) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))

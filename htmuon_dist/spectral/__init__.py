@@ -14,6 +14,8 @@ import torch
 
 from . import exact as _exact  # noqa: F401  (registers "svd", "eigh")
 from . import newton_schulz as _newton_schulz  # noqa: F401  (registers "ns5")
+from . import fast as _fast  # noqa: F401  (registers "gram_rr", "auto")
+from .fast import auto_choice
 from .newton_schulz import newton_schulz5
 from .registry import SpectralMethod, available_methods, get_method, method_cost, register_method
 
@@ -27,6 +29,7 @@ __all__ = [
     "register_method",
     "SpectralMethod",
     "validate_power",
+    "auto_choice",
 ]
 
 # Rounding a matrix to a dtype perturbs its singular values by up to about eps * sigma_max

@@ -1,0 +1,173 @@
+"""Time and accuracy of every spectral method on LLaMA layer shapes.
+
+    python benchmarks/spectral.py                          # CPU, fp32, shapes 60m,1b,foundation
+    python benchmarks/spectral.py --device cuda --shapes 60m,1b,7b --json out.json
+
+For each shape and method: time per matrix (best of ``--repeat`` after one warm-up), the ratio
+to Muon's NS5 measured in the same run (fp32 on CPU, bf16 on CUDA: what Muon runs there), and the
+accuracy against the HTMuon bar: ``err / bar`` with ``err = ||Y - R|| / ||R||``,
+``bar = 0.25 * min_c ||c P - R|| / ||R||``, ``R = U Σ^p V^T`` and ``P = U V^T`` (rank cutoff
+applied to both) from a float64 reference (SVD; the float64 Gram eigh where the SVD is skipped).
+``err/bar <= 1`` meets the bar; NS5's own row shows how far Muon is (about 4 by construction).
+The input is a Gaussian matrix (a momentum-like, well-spread spectrum) in ``--dtype``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from htmuon_dist.spectral import auto_choice, default_rtol, spectral_power  # noqa: E402
+from htmuon_dist.spectral.exact import eigh_power, svd_power  # noqa: E402
+from htmuon_dist.spectral.newton_schulz import newton_schulz5  # noqa: E402
+
+SHAPES: dict[str, list[tuple[int, int]]] = {
+    "60m": [(512, 512), (512, 1376), (1376, 512)],
+    "1b": [(2048, 2048), (2048, 5461), (5461, 2048)],
+    "7b": [(4096, 4096), (4096, 11008), (11008, 4096)],
+    # times of svd / eigh / ns5 another issue needs (fp32 CPU)
+    "foundation": [(1024, 1024), (1024, 2816), (2816, 1024)],
+}
+METHODS = ["svd", "eigh", "ns5", "gram_rr", "auto"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], torch.Tensor], device: torch.device, repeat: int) -> float:
+    """Best wall time of ``repeat`` calls after one warm-up, in seconds."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def reference(x: torch.Tensor, power: float, rtol: float, use_svd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, P) in float64 for a (m, n) matrix: HTMuon's update and the polar factor."""
+    xb = x.unsqueeze(0)
+    wide = xb.size(-2) < xb.size(-1)
+    xt = xb.mT if wide else xb
+    fn = svd_power if use_svd else eigh_power
+    r, p = fn(xt, power, rtol), fn(xt, 0.0, rtol)
+    if wide:
+        r, p = r.mT, p.mT
+    return r[0], p[0]
+
+
+def rel_err_and_bar(y: torch.Tensor, r: torch.Tensor, p: torch.Tensor, rescale: bool) -> tuple[float, float]:
+    y = y.double()
+    if rescale:  # Muon's update is compared up to the best scalar, like the bar itself
+        y = y * ((y * r).sum() / (y * y).sum().clamp_min(1e-300))
+    err = float((y - r).norm() / r.norm())
+    c = (p * r).sum() / (p * p).sum().clamp_min(1e-300)
+    bar = 0.25 * float((c * p - r).norm() / r.norm())
+    return err, bar
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    power = args.power
+    rows: list[dict] = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for group in args.shapes.split(","):
+        for m, n in SHAPES[group]:
+            x = torch.randn(m, n, generator=gen).to(device=device, dtype=dtype)
+            rtol = default_rtol(dtype)
+            big = max(m, n) * min(m, n) ** 2 > 4096 * 4096 * 4096
+            use_svd_ref = not (big and not args.svd_7b)
+            r, p = reference(x, power, rtol, use_svd_ref)
+            methods = ["svd", "eigh", "ns5"] if group == "foundation" else METHODS
+            times: dict[str, float] = {}
+            for name in methods:
+                if name == "svd" and big and not args.svd_7b:
+                    continue
+                if name == "ns5":
+                    fn = lambda: newton_schulz5(x)  # noqa: E731  (bf16 on CUDA, fp32 on CPU)
+                    pw = 0.0
+                else:
+                    fn = lambda name=name: spectral_power(x, power, method=name)  # noqa: E731
+                    pw = power
+                t = best_time(fn, device, args.repeat)
+                times[name] = t
+                y = fn()
+                err, bar = rel_err_and_bar(y, r, p, rescale=(pw == 0.0))
+                row = {
+                    "shape": [m, n], "group": group, "method": name,
+                    "resolved": auto_choice(device.type, max(m, n), min(m, n)) if name == "auto" else name,
+                    "time_s": t, "err": err, "bar": bar, "err_over_bar": err / bar,
+                    "reference": "svd" if use_svd_ref else "eigh",
+                }
+                rows.append(row)
+                del y
+            for row in rows:
+                if row["shape"] == [m, n] and "ns5" in times:
+                    row["ratio_to_ns5"] = row["time_s"] / times["ns5"]
+            _print_shape(rows, m, n, device)
+            if args.json:  # after every shape, so a run cut short still leaves its rows
+                _write_json(args, rows)
+    return rows
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    Path(args.json).write_text(json.dumps({"device": _device_name(torch.device(args.device)),
+                                           "torch": torch.__version__, "args": vars(args),
+                                           "rows": rows}, indent=1))
+
+
+def _print_shape(rows: list[dict], m: int, n: int, device: torch.device) -> None:
+    for row in rows:
+        if row["shape"] != [m, n]:
+            continue
+        name = row["method"] + (f" ({row['resolved']})" if row["method"] == "auto" else "")
+        print(
+            f"{m:>6}x{n:<6} {name:<16} {row['time_s'] * 1e3:>10.2f} ms "
+            f"{row.get('ratio_to_ns5', float('nan')):>7.2f}x ns5   "
+            f"err {row['err']:.2e}  err/bar {row['err_over_bar']:.2e}",
+            flush=True,
+        )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", help="input dtype (float32, bfloat16)")
+    ap.add_argument("--shapes", default=None,
+                    help="comma list of 60m,1b,7b,foundation (default CPU: 60m,1b,foundation; "
+                         "CUDA: 60m,1b,7b)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--power", type=float, default=0.125)
+    ap.add_argument("--svd-7b", action="store_true", help="also time svd (and use it as the reference) on 7B shapes")
+    ap.add_argument("--json", default=None, help="write all rows to this file")
+    args = ap.parse_args(argv)
+    if args.shapes is None:
+        args.shapes = "60m,1b,7b" if args.device.startswith("cuda") else "60m,1b,foundation"
+    dev = torch.device(args.device)
+    name = _device_name(dev)
+    print(f"device {name}, torch {torch.__version__}, input {args.dtype}, p = {args.power}, "
+          f"threads {torch.get_num_threads()}, best of {args.repeat}", flush=True)
+    print(f"{'shape':>13} {'method':<16} {'time/matrix':>13} {'ratio':>8}", flush=True)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Fast spectral powers: ``"gram_rr"`` (fp32 Gram eigh + one Rayleigh–Ritz refinement) and ``"auto"``.
+
+Both take a batch ``(b, m, n)`` with ``m >= n`` in any float dtype and return float32; singular
+values at or below ``rtol * sigma_max`` (per matrix) map to zero, as in :mod:`.exact`.
+
+Why not a matmul-only iteration (measured while building this module, see the report of issue #7
+and ``benchmarks/spectral.py``): on the test spectra (down to ``sigma = 1e-4 sigma_max``) a
+``U Σ^p V^T`` approximation must be within ~1-2% per direction to stay under the accuracy bar
+(0.25 x the distance of rescaled Muon from HTMuon, 1.0-3% at p = 1/8). Fitted linear combinations
+of 8 Newton–Schulz iterates reached 3.7% RMS / 16% max relative error on ``[6e-5, 1]``, and
+bivariate (polar + power) recurrences of 5-6 quintic steps 35-80%: not HTMuon. Reaching the bar
+needs an eigendecomposition of a small (n, n) factor, which is cheap on CPUs but 25-100 ms on an
+H100 for n = 2048-4096 (versus 4-7 ms for bf16 NS5), so no method here meets the 1.5x NS5 budget
+on CUDA; ``auto`` then takes the fastest method that meets the bar.
+
+``gram_rr`` keeps every matrix-sized product in float32 and does float64 work only on n x n
+matrices. Where float64 matmuls are fast (CPUs, H100) it is slower than the exact ``eigh`` (it
+needs two eighs, measured 0.85-2.3x the time of ``eigh`` on this project's shared 2-core CPU);
+it is meant for devices whose float64 matmul rate is a small fraction of float32 (consumer
+GPUs), where ``eigh``'s float64 Gram and products dominate. Not measured on such a device yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .exact import _powered, eigh_cost, eigh_power
+from .registry import SpectralMethod, register_method
+
+
+def gram_rr_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
+    """``U Σ^p V^T`` from an fp32 Gram eigendecomposition refined by one Rayleigh–Ritz step.
+
+    (b, m, n) with m >= n, any float dtype -> (b, m, n) float32.
+
+    Precisions and why:
+      1. ``G = X^T X`` and ``eigh(G)`` in float32 give ``W0``, accurate for directions with
+         ``sigma > ~3e-4 sigma_max`` (squaring doubles the condition number); below that the
+         columns of ``W0`` are an arbitrary basis of the right *subspace* (the gap to the large
+         singular values keeps the subspace accurate).
+      2. ``Y = X W0`` (float32) has column norms ~ sigma_i, and ``C = Y^T Y`` (float32) is nearly
+         diagonal with every entry accurate *relative to its own row and column norms*; its
+         eigendecomposition must be float64 (an fp32 eigh again resolves only eps * ||C||, and
+         measured 15% error on a log-spaced spectrum), which rotates the small directions into
+         place: ``W = W0 R``, ``U Σ = Y R``, ``sigma^2 = eig(C)``.
+      3. ``O = (Y R) diag(sigma^(p-1)) W^T`` in float32.
+    Measured against the float64 SVD: <= 5e-5 relative error on all test spectra for n <= 512
+    (the exact methods' 1e-4 bound), but not proven for larger n, so it is registered as
+    approximate. The input is scaled by its max-abs entry first so that the fp32 Gram neither
+    overflows nor underflows at any scale; the scale is folded back as ``s^p``.
+    No ``.item()`` and no data-dependent Python branches (safe for CUDA streams/graphs).
+    """
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(dim=(-2, -1), keepdim=True)
+    nonzero = scale > 0
+    scale = torch.where(nonzero, scale, torch.ones_like(scale))  # a zero matrix stays zero
+    xf = xf / scale
+    gram = xf.mT @ xf
+    _, w0 = torch.linalg.eigh(gram)
+    y = xf @ w0
+    c = (y.mT @ y).to(torch.float64)
+    c = 0.5 * (c + c.mT)  # rounding makes Y^T Y slightly non-symmetric; eigh reads one triangle
+    lam, r = torch.linalg.eigh(c)
+    r32 = r.to(torch.float32)
+    w = w0 @ r32
+    us = y @ r32  # columns sigma_i u_i
+    sigma = lam.clamp_min(0).sqrt().to(torch.float32)
+    coeff = _powered(sigma, power - 1.0, rtol)
+    out = (us * coeff.unsqueeze(-2)) @ w.mT
+    return out * scale.pow(power)
+
+
+def gram_rr_cost(m: int, n: int) -> float:
+    # fp32: Gram, X W0, Y^T Y, Y R, final product 2mn^2 each, W0 R 2n^3, eigh ~9n^3;
+    # the float64 eigh of C counts x2 against fp32 throughput.
+    return 10.0 * m * n * n + 2.0 * n**3 + 9.0 * n**3 + 2.0 * 9.0 * n**3
+
+
+# What "auto" runs, per device type, as (largest n, method) pairs checked in order.
+# Chosen from benchmarks/spectral.py (benchmarks/results/): the fastest method meeting the bar.
+#   device | n (smaller side) | method | why
+#   cpu    | any              | eigh   | exact; fp64 Gram + fp64 eigh of n x n measured at about
+#          |                  |        | 0.7-1.5x fp32 NS5 (Muon); gram_rr needs an fp32 *and* an
+#          |                  |        | fp64 eigh of n x n, which costs more than it saves
+#   cuda   | any              | eigh   | no matmul-only method meets the bar (module doc); cuSOLVER
+#          |                  |        | eigh dominates every eigh-based method on an H100 and the
+#          |                  |        | exact one does a single eigh (see spectral_h100.md)
+#   other  | any              | eigh   | like cpu
+_AUTO_TABLE: dict[str, list[tuple[int, str]]] = {
+    "cpu": [(1 << 62, "eigh")],
+    "cuda": [(1 << 62, "eigh")],
+}
+_AUTO_DEFAULT = "eigh"
+
+
+def auto_choice(device_type: str, m: int, n: int) -> str:
+    """Method name ``"auto"`` uses for one (m, n) matrix (m >= n) on ``device_type``."""
+    for max_n, name in _AUTO_TABLE.get(device_type, [(1 << 62, _AUTO_DEFAULT)]):
+        if n <= max_n:
+            return name
+    return _AUTO_DEFAULT
+
+
+_AUTO_FNS = {"gram_rr": gram_rr_power, "eigh": eigh_power}
+_AUTO_COSTS = {"gram_rr": gram_rr_cost, "eigh": eigh_cost}
+
+
+def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
+    """Dispatches on device type and shape (host metadata only, no sync). (b, m, n) -> float32."""
+    name = auto_choice(x.device.type, x.size(-2), x.size(-1))
+    return _AUTO_FNS[name](x, power, rtol).to(torch.float32)
+
+
+def auto_cost(m: int, n: int) -> float:
+    # The planner has no device at hand; GPU ranks are the ones that train at scale.
+    return _AUTO_COSTS[auto_choice("cuda", m, n)](m, n)
+
+
+register_method(
+    SpectralMethod(
+        name="gram_rr",
+        fn=gram_rr_power,
+        cost=gram_rr_cost,
+        exact=False,
+        powers="any",
+        description=(
+            "approximate: fp32 Gram eigh + fp64 Rayleigh-Ritz on n x n, fp32 products "
+            "(<=5e-5 measured)"
+        ),
+    )
+)
+register_method(
+    SpectralMethod(
+        name="auto",
+        fn=auto_power,
+        cost=auto_cost,
+        exact=False,
+        powers="any",
+        description="fastest method meeting the HTMuon accuracy bar for the device and shape",
+    )
+)

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch.optim import Optimizer
 
-from .distributed.backends import describe_params
+from .distributed.backends import describe_params, zero
 from .distributed.engine import ExchangeEngine, SpectralSpec
 from .spectral import get_method, validate_power
 
@@ -30,6 +30,11 @@ _HTMUON_KEYS = ("lr", "power", "momentum", "nesterov", "weight_decay", "method",
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 # What the interval variant runs between its exact steps: Muon's Newton-Schulz polar factor.
 _MUON_SPEC = SpectralSpec(power=0.0, method="ns5", rtol=None)
+
+
+def _ndim(p: torch.Tensor) -> int:
+    """Dimensions of the parameter's real shape (DeepSpeed ZeRO-3 partitions report 1-D)."""
+    return len(zero.logical_shape(p))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +63,7 @@ class HTMuon(Optimizer):
             ...) and Muon's Newton–Schulz (power 0) on the others, as the reference's
             ``htmuon_interval``; the two kinds of step have different scales under one lr.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW settings for non-matrix
-            parameters (the reference: 3e-4... see configs, betas (0.9, 0.95), eps 1e-10).
+            parameters (the reference uses lr 1e-3 at 60M-350M, betas (0.9, 0.95), eps 1e-10).
         nonfinite: what a NaN/Inf gradient does: "raise" (FloatingPointError naming the
             parameters, nothing is modified) or "skip" (the whole step is skipped on every
             rank, a warning is issued and ``skipped_steps`` counts it).
@@ -108,12 +113,24 @@ class HTMuon(Optimizer):
         self._engine_key: Optional[tuple] = None
         self._placements: list = []
         self._fsdp1_registry: dict = {}
+        # key -> (engine, placements, backend); one entry, or one per flat partition under ZeRO
+        # (DeepSpeed steps each param group's partition in a separate step() call).
+        self._engines: dict[tuple, tuple] = {}
+        # (group dict, original params, names) per param group: DeepSpeed ZeRO swaps a group's
+        # "params" for one flat partition, and the originals carry the partition metadata.
+        self._origins: list[tuple[dict, list[torch.Tensor], list[str]]] = []
         groups = list(params)
         if not groups:
             raise ValueError("HTMuon got an empty parameter list")
         if not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         super().__init__([g for group in groups for g in self._split(group)], {})
+        # Under Accelerate's DeepSpeed plugin, refuse configs that would drop or bypass HTMuon
+        # (optimizer block, offload, fp16 on CPU, accumulation mismatch) before prepare().
+        from .integrations.deepspeed import check_accelerate, guard_use_muon
+
+        check_accelerate(self)
+        self._use_muon_guards = guard_use_muon(self._origins)
 
     # -- param groups ------------------------------------------------------------------------
 
@@ -128,7 +145,7 @@ class HTMuon(Optimizer):
         names = group.pop("param_names", None)
         out = []
         for is_matrix in (True, False):
-            chosen = [i for i, p in enumerate(params) if (p.ndim >= 2) == is_matrix]
+            chosen = [i for i, p in enumerate(params) if (_ndim(p) >= 2) == is_matrix]
             if not chosen:
                 continue
             if is_matrix:  # the group's own keys are HTMuon's; adamw_* keys go to the other half
@@ -158,8 +175,16 @@ class HTMuon(Optimizer):
         for key, value in defaults.items():
             param_group.setdefault(key, value)
         self._validate_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        names = param_group.get("param_names") or [
+            f"param_groups[{len(self.param_groups)}].params[{j}]" for j in range(len(params))
+        ]
+        zero.check_not_tagged(params, names)
         super().add_param_group(param_group)
+        self._origins.append((self.param_groups[-1], params, list(names)))
         self._engine = None
+        self._engines.clear()
 
     def _validate_group(self, group: dict) -> None:
         params = group["params"]
@@ -195,41 +220,73 @@ class HTMuon(Optimizer):
 
     # -- distribution ------------------------------------------------------------------------
 
-    def _matrix_params(self) -> list[tuple[torch.Tensor, dict, str]]:
+    def _origin_of(self, group: dict) -> Optional[tuple[dict, list[torch.Tensor], list[str]]]:
+        for origin in self._origins:
+            if origin[0] is group:
+                return origin
+        return None
+
+    def _zero_members(self, group: dict) -> Optional[list[tuple[torch.Tensor, str]]]:
+        """The original (param, name) pairs inside the group's DeepSpeed ZeRO flat partition, or
+        None when the group holds ordinary parameters."""
+        params = group["params"]
+        origin = self._origin_of(group)
+        if origin is None or len(params) != 1 or not origin[1]:
+            return None
+        flat, originals = params[0], origin[1]
+        if any(flat is p for p in originals) or not any(zero.is_zero_param(p) for p in originals):
+            return None
+        zero.check_not_tagged(originals, origin[2])
+        return zero.members_of_flat(flat, list(zip(originals, origin[2])))
+
+    def _matrix_params(self) -> list[tuple[torch.Tensor, dict, str, Optional[torch.Tensor]]]:
+        """(tensor holding the piece, group, name, original ZeRO parameter or None) per matrix."""
         out = []
         for g_index, group in enumerate(self.param_groups):
             if not group["htmuon"]:
                 continue
+            members = self._zero_members(group)
+            if members is not None:  # one flat partition holding several matrices
+                out.extend((group["params"][0], group, name, p) for p, name in members)
+                continue
             names = group.get("param_names")
             for j, p in enumerate(group["params"]):
                 name = names[j] if names else f"param_groups[{g_index}].params[{j}]"
-                out.append((p, group, name))
+                out.append((p, group, name, None))
         return out
 
     def _spec(self, group: dict) -> SpectralSpec:
         return SpectralSpec(power=float(group["power"]), method=group["method"], rtol=group["rtol"])
 
-    def _ensure_engine(self, matrices: list[tuple[torch.Tensor, dict, str]]) -> ExchangeEngine:
-        """Builds layouts and the plan lazily: Accelerate swaps parameters after construction."""
-        key = tuple(id(p) for p, _, _ in matrices) + tuple(
-            (g["power"], g["method"], g["rtol"]) for _, g, _ in matrices
+    def _ensure_engine(self, matrices: list[tuple[torch.Tensor, dict, str, Optional[torch.Tensor]]]) -> ExchangeEngine:
+        """Builds layouts and the plan lazily: Accelerate swaps parameters after construction.
+        Under ZeRO there is one engine per flat partition, built collectively at its first step."""
+        key = tuple((id(p), n, id(o)) for p, _, n, o in matrices) + tuple(
+            (g["power"], g["method"], g["rtol"]) for _, g, _, _ in matrices
         )
-        if self._engine is not None and key == self._engine_key:
+        if key in self._engines:
+            self._engine, self._placements, self.backend = self._engines[key]
+            self._engine_key = key
             return self._engine
-        params = [p for p, _, _ in matrices]
-        names = [n for _, _, n in matrices]
-        described = describe_params(params, names, self._fsdp1_registry, self.process_group)
+        params = [p for p, _, _, _ in matrices]
+        names = [n for _, _, n, _ in matrices]
+        origins = [o for _, _, _, o in matrices]
+        described = describe_params(params, names, self._fsdp1_registry, self.process_group,
+                                    zero_origins=origins)
         self._placements = described.placements
         self.backend = described.backend
         self._engine = ExchangeEngine(
             shapes=[pl.shape for pl in described.placements],
             local_ranges=[pl.local_range for pl in described.placements],
-            specs=[self._spec(g) for _, g, _ in matrices],
+            specs=[self._spec(g) for _, g, _, _ in matrices],
             names=names,
             group=described.group,
             comm_dtype=self.comm_dtype,
             bucket_numel=self.bucket_numel,
         )
+        if described.backend != "zero":  # a new parameter set replaces the old one
+            self._engines.clear()
+        self._engines[key] = (self._engine, self._placements, self.backend)
         self._engine_key = key
         return self._engine
 
@@ -240,8 +297,11 @@ class HTMuon(Optimizer):
 
     @property
     def comm_bytes_last_step(self) -> int:
-        """Bytes this rank sent for the spectral exchange in the last step."""
-        return self._engine.comm_bytes_last_step if self._engine else 0
+        """Bytes this rank sent for the spectral exchange in the last step (under ZeRO: summed
+        over the flat partitions, each exchanged in its own step() call)."""
+        if not self._engines:
+            return self._engine.comm_bytes_last_step if self._engine else 0
+        return sum(entry[0].comm_bytes_last_step for entry in self._engines.values())
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -259,7 +319,7 @@ class HTMuon(Optimizer):
         views = [pl.local_view for pl in self._placements] if matrices else []
         grads = [
             views[i](_local(p.grad)) if p.grad is not None else None
-            for i, (p, _, _) in enumerate(matrices)
+            for i, (p, _, _, _) in enumerate(matrices)
         ]
         has_piece = [g is not None and g.numel() > 0 for g in grads]
         bad = self._nonfinite_names(matrices, grads, adamw)
@@ -296,7 +356,7 @@ class HTMuon(Optimizer):
     def _nonfinite_names(matrices, grads, adamw) -> list[str]:
         flags: list[torch.Tensor] = []
         names: list[str] = []
-        for (p, _, name), g in zip(matrices, grads):
+        for (p, _, name, _), g in zip(matrices, grads):
             if g is not None and g.numel():
                 flags.append(torch.isfinite(g).all())
                 names.append(name)
@@ -313,7 +373,7 @@ class HTMuon(Optimizer):
     def _matrix_step(self, matrices, views, grads, active, step_no: int) -> None:
         engine = self._engine
         pieces: list[Optional[torch.Tensor]] = []
-        for i, (p, group, _) in enumerate(matrices):
+        for i, (p, group, _, _) in enumerate(matrices):
             if not active[i]:
                 pieces.append(None)
                 continue
@@ -328,15 +388,18 @@ class HTMuon(Optimizer):
 
         specs = [
             _MUON_SPEC if g["interval"] and step_no % g["interval"] != 0 else self._spec(g)
-            for _, g, _ in matrices
+            for _, g, _, _ in matrices
         ]
         updates = engine.run(pieces, specs)
 
-        for i, (p, group, _) in enumerate(matrices):
+        stepped: set[int] = set()  # a ZeRO flat partition holds several matrices, one counter
+        for i, (p, group, _, _) in enumerate(matrices):
             if updates[i] is None:
                 continue
             state = self.state[p]
-            state["step"] += 1
+            if id(p) not in stepped:
+                stepped.add(id(p))
+                state["step"] += 1
             rows, cols = self._placements[i].shape
             scale = max(1.0, rows / cols) ** 0.5
             local = views[i](_local(p))
@@ -367,8 +430,16 @@ class HTMuon(Optimizer):
             local.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
 
     def load_state_dict(self, state_dict: dict) -> None:
+        before = list(self.param_groups)
         super().load_state_dict(state_dict)
+        # torch replaces the group dicts: carry each group's originals over to its new dict.
+        by_group = {id(origin[0]): origin for origin in self._origins}
+        self._origins = [
+            (new, by_group[id(old)][1], by_group[id(old)][2])
+            for old, new in zip(before, self.param_groups) if id(old) in by_group
+        ]
         self._engine = None  # rebuilt at the next step from the (possibly new) parameters
+        self._engines.clear()
 
 
 def attach_fsdp1(optimizer: HTMuon, model: torch.nn.Module) -> HTMuon:

@@ -52,7 +52,9 @@ def param_groups(
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        target = matrix if p.ndim >= 2 and id(p) not in excluded else other
+        # ds_shape: under DeepSpeed zero.Init a partitioned parameter reports a 1-D shape.
+        ndim = len(getattr(p, "ds_shape", None) or p.shape)
+        target = matrix if ndim >= 2 and id(p) not in excluded else other
         target.append((name, p))
     groups = []
     for members, flag, options in ((matrix, True, matrix_options), (other, False, adamw_options)):

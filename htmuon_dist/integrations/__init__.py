@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (DeepSpeed, Accelerate's DeepSpeed plugin)."""

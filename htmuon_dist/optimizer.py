@@ -15,9 +15,8 @@ With one process (or DDP) the same code runs with whole matrices.
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -110,7 +109,6 @@ class HTMuon(Optimizer):
         self.bucket_numel = int(bucket_numel)
         self.skipped_steps = 0
         self._engine: Optional[ExchangeEngine] = None
-        self._engine_key: Optional[tuple] = None
         self._placements: list = []
         self._fsdp1_registry: dict = {}
         # key -> (engine, placements, backend); one entry, or one per flat partition under ZeRO
@@ -266,7 +264,6 @@ class HTMuon(Optimizer):
         )
         if key in self._engines:
             self._engine, self._placements, self.backend = self._engines[key]
-            self._engine_key = key
             return self._engine
         params = [p for p, _, _, _ in matrices]
         names = [n for _, _, n, _ in matrices]
@@ -287,7 +284,6 @@ class HTMuon(Optimizer):
         if described.backend != "zero":  # a new parameter set replaces the old one
             self._engines.clear()
         self._engines[key] = (self._engine, self._placements, self.backend)
-        self._engine_key = key
         return self._engine
 
     @property
@@ -299,8 +295,6 @@ class HTMuon(Optimizer):
     def comm_bytes_last_step(self) -> int:
         """Bytes this rank sent for the spectral exchange in the last step (under ZeRO: summed
         over the flat partitions, each exchanged in its own step() call)."""
-        if not self._engines:
-            return self._engine.comm_bytes_last_step if self._engine else 0
         return sum(entry[0].comm_bytes_last_step for entry in self._engines.values())
 
     # -- the step ----------------------------------------------------------------------------

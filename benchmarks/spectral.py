@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from htmuon_dist.spectral import auto_choice, default_rtol, spectral_power  # noqa: E402
+from htmuon_dist.spectral.accuracy import bar, rel_err  # noqa: E402
 from htmuon_dist.spectral.exact import eigh_power, svd_power  # noqa: E402
 from htmuon_dist.spectral.newton_schulz import newton_schulz5  # noqa: E402
 
@@ -35,8 +36,10 @@ SHAPES: dict[str, list[tuple[int, int]]] = {
     "7b": [(4096, 4096), (4096, 11008), (11008, 4096)],
     # times of svd / eigh / ns5 another issue needs (fp32 CPU)
     "foundation": [(1024, 1024), (1024, 2816), (2816, 1024)],
+    # the shapes issue #7 reports: LLaMA-1B MLP (both orientations) and LLaMA-7B MLP
+    "issue": [(2048, 5461), (5461, 2048), (4096, 11008)],
 }
-METHODS = ["svd", "eigh", "ns5", "gram_rr", "auto"]
+METHODS = ["svd", "eigh", "ns5", "tracked_ns", "gram_rr", "auto"]
 
 
 def _sync(device: torch.device) -> None:
@@ -73,10 +76,7 @@ def rel_err_and_bar(y: torch.Tensor, r: torch.Tensor, p: torch.Tensor, rescale: 
     y = y.double()
     if rescale:  # Muon's update is compared up to the best scalar, like the bar itself
         y = y * ((y * r).sum() / (y * y).sum().clamp_min(1e-300))
-    err = float((y - r).norm() / r.norm())
-    c = (p * r).sum() / (p * p).sum().clamp_min(1e-300)
-    bar = 0.25 * float((c * p - r).norm() / r.norm())
-    return err, bar
+    return rel_err(y, r), bar(r, p)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             big = max(m, n) * min(m, n) ** 2 > 4096 * 4096 * 4096
             use_svd_ref = not (big and not args.svd_7b)
             r, p = reference(x, power, rtol, use_svd_ref)
-            methods = ["svd", "eigh", "ns5"] if group == "foundation" else METHODS
+            methods = ["svd", "eigh", "ns5"] if group == "foundation" else args.methods.split(",")
+            if "ns5" not in methods:
+                methods = ["ns5"] + methods  # every ratio is to NS5 timed in the same run
             times: dict[str, float] = {}
             for name in methods:
                 if name == "svd" and big and not args.svd_7b:
@@ -152,9 +154,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="input dtype (float32, bfloat16)")
     ap.add_argument("--shapes", default=None,
-                    help="comma list of 60m,1b,7b,foundation (default CPU: 60m,1b,foundation; "
+                    help="comma list of 60m,1b,7b,issue,foundation (default CPU: 60m,1b,foundation; "
                          "CUDA: 60m,1b,7b)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of methods to time (default {','.join(METHODS)}; ns5 always runs)")
     ap.add_argument("--power", type=float, default=0.125)
     ap.add_argument("--svd-7b", action="store_true", help="also time svd (and use it as the reference) on 7B shapes")
     ap.add_argument("--json", default=None, help="write all rows to this file")

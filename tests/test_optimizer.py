@@ -160,6 +160,22 @@ def test_tiny_llama_loss_falls_over_50_steps():
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
+def test_tracked_ns_trains_like_the_exact_method():
+    """HTMuon(method="tracked_ns") follows the eigh run on a tiny LLaMA within its error bound."""
+    runs = {}
+    for method in ("eigh", "tracked_ns"):
+        model = tiny_llama(seed=0)
+        opt = HTMuon(param_groups(model), lr=0.02, adamw_lr=3e-3, method=method)
+        data = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+        for _ in range(5):
+            model(input_ids=data, labels=data).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs[method] = model
+    for (name, a), (_, b) in zip(runs["eigh"].named_parameters(), runs["tracked_ns"].named_parameters()):
+        assert rel_err(b.detach(), a.detach().double()) < 2e-3, name
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

@@ -1,8 +1,6 @@
 """Accuracy bar and invariances of the fast / approximate HTMuon methods (CPU, fp32, small).
 
-Bar (REFERENCE.md): ``||Y - R|| / ||R|| <= 0.25 * min_c ||c P - R|| / ||R||`` with ``R = U Σ^p V^T``
-and ``P = U V^T`` from a float64 SVD of exactly the tensor the method sees, the same rank cutoff
-(``rtol = default_rtol(dtype)``) applied to both.
+The bar and the spectra are defined in :mod:`htmuon_dist.spectral.accuracy`.
 """
 
 from __future__ import annotations
@@ -13,74 +11,20 @@ import torch
 from htmuon_dist.spectral import (
     auto_choice,
     available_methods,
-    default_rtol,
     get_method,
     newton_schulz5,
     spectral_power,
 )
+from htmuon_dist.spectral.accuracy import SPECTRA, random_orthonormal, bar, make_matrix, reference, rel_err
 
 # Every registered HTMuon-capable approximation must meet the bar; "auto" is among them.
 APPROX = sorted(
     name for name in available_methods()
     if get_method(name).powers == "any" and not get_method(name).exact
 )
-SPECTRA = ["gaussian", "inv_i", "spike_bulk", "logspace", "rank_fp32", "rank_bf16"]
 SCALES = [1e-6, 1.0, 1e3]
 POWERS = [0.125, 0.3, 0.5]
 SHAPES = [(96, 64), (64, 96), (80, 80)]
-
-
-def _orth(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(rows, k, generator=gen, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
-
-
-def make_matrix(kind: str, m: int, n: int, scale: float, seed: int) -> torch.Tensor:
-    """A (m, n) test matrix of Frobenius norm ``scale``: fp32, or bf16 for ``rank_bf16``."""
-    gen = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    if kind == "gaussian":
-        mat = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    elif kind in ("rank_fp32", "rank_bf16"):
-        # a low-rank product computed in the storage dtype: its rounding noise must fall under
-        # that dtype's cutoff and map to zero
-        r = max(1, k // 4)
-        dt = torch.bfloat16 if kind == "rank_bf16" else torch.float32
-        a = torch.randn(m, r, generator=gen).to(dt)
-        b = torch.randn(n, r, generator=gen).to(dt)
-        prod = (a @ b.T).double()
-        return (prod / prod.norm() * scale).to(dt)
-    else:
-        i = torch.arange(1, k + 1, dtype=torch.float64)
-        if kind == "inv_i":
-            s = 1.0 / i
-        elif kind == "spike_bulk":
-            s = 1.0 + 0.1 * torch.rand(k, generator=gen, dtype=torch.float64)
-            s[:3] *= torch.tensor([100.0, 30.0, 10.0], dtype=torch.float64)
-        elif kind == "logspace":
-            s = torch.logspace(0, -4, k, dtype=torch.float64)
-        else:
-            raise ValueError(kind)
-        mat = (_orth(m, k, gen) * s) @ _orth(n, k, gen).T
-    return (mat / mat.norm() * scale).to(torch.float32)
-
-
-def reference(mat: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, P) float64 from the SVD with the dtype's rank cutoff (as exact.py's ``_powered``)."""
-    u, s, vh = torch.linalg.svd(mat.double(), full_matrices=False)
-    keep = s > default_rtol(mat.dtype) * s.max()
-    safe = torch.where(keep, s, torch.ones_like(s))
-    sp = torch.where(keep, safe.pow(power), torch.zeros_like(s))
-    return (u * sp) @ vh, (u * keep.double()) @ vh
-
-
-def bar(r: torch.Tensor, p: torch.Tensor) -> float:
-    c = (p * r).sum() / (p * p).sum()
-    return 0.25 * float((c * p - r).norm() / r.norm())
-
-
-def rel_err(y: torch.Tensor, r: torch.Tensor) -> float:
-    return float((y.double() - r).norm() / r.norm())
 
 
 def test_there_is_a_fast_method_and_auto() -> None:
@@ -130,7 +74,7 @@ def test_equivariances(method: str) -> None:
     transposed = spectral_power(mat.T.contiguous(), power, method=method).double()
     assert rel_err(transposed, base.T) < 1e-5
     gen = torch.Generator().manual_seed(5)
-    q1, q2 = _orth(72, 72, gen), _orth(40, 40, gen)
+    q1, q2 = random_orthonormal(72, 72, gen), random_orthonormal(40, 40, gen)
     rotated = spectral_power((q1 @ mat.double() @ q2.T).float(), power, method=method).double()
     assert rel_err(rotated, q1 @ base @ q2.T) < 1e-4
 
@@ -142,12 +86,18 @@ def test_zero_matrix(method: str, shape: tuple[int, ...]) -> None:
     assert torch.equal(y, torch.zeros(shape))
 
 
+# Methods whose error is a designed bound rather than rounding: tracked_ns proves <= 4e-4 at p = 0
+# (tests/test_tracked_ns.py); 1e-3 is still 50x under the bar's Muon distance on this spectrum.
+LIMIT_TOL = {"tracked_ns": 1e-3}
+
+
 @pytest.mark.parametrize("method", APPROX)
 def test_limits(method: str) -> None:
     mat = make_matrix("inv_i", 48, 32, 1.0, seed=11)
-    assert rel_err(spectral_power(mat, 1.0, method=method), mat.double()) < 1e-4
+    tol = LIMIT_TOL.get(method, 1e-4)
+    assert rel_err(spectral_power(mat, 1.0, method=method), mat.double()) < tol
     r0, p0 = reference(mat, 0.0)
-    assert rel_err(spectral_power(mat, 0.0, method=method), p0) < 1e-4
+    assert rel_err(spectral_power(mat, 0.0, method=method), p0) < tol
 
 
 @pytest.mark.parametrize("method", APPROX)
@@ -174,3 +124,20 @@ def test_auto_choice_is_registered_and_meets_bar() -> None:
     r, p = reference(mat, 0.125)
     y = spectral_power(mat, 0.125, method="auto")
     assert rel_err(y, r) <= bar(r, p)
+
+
+@pytest.mark.parametrize("method", APPROX + ["eigh", "svd"])
+def test_no_host_sync_in_the_hot_path(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No .item(), .tolist() or data-dependent Python branch once a method is warm (on CUDA any
+    of these would stall the stream). Caught on CPU by making them raise. This sees Python-level
+    syncs only: on CUDA, torch.linalg.eigh/svd also wait for cuSOLVER's convergence flag
+    internally, which the matmul-only tracked_ns does not."""
+    mat = make_matrix("gaussian", 48, 32, 1.0, seed=1)
+    spectral_power(mat, 0.125, method=method)  # warm: host-side schedules are cached
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("host sync in the hot path")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    spectral_power(mat, 0.125, method=method)

@@ -3,15 +3,12 @@
 Both take a batch ``(b, m, n)`` with ``m >= n`` in any float dtype and return float32; singular
 values at or below ``rtol * sigma_max`` (per matrix) map to zero, as in :mod:`.exact`.
 
-Why not a matmul-only iteration (measured while building this module, see the report of issue #7
-and ``benchmarks/spectral.py``): on the test spectra (down to ``sigma = 1e-4 sigma_max``) a
-``U Σ^p V^T`` approximation must be within ~1-2% per direction to stay under the accuracy bar
-(0.25 x the distance of rescaled Muon from HTMuon, 1.0-3% at p = 1/8). Fitted linear combinations
-of 8 Newton–Schulz iterates reached 3.7% RMS / 16% max relative error on ``[6e-5, 1]``, and
-bivariate (polar + power) recurrences of 5-6 quintic steps 35-80%: not HTMuon. Reaching the bar
-needs an eigendecomposition of a small (n, n) factor, which is cheap on CPUs but 25-100 ms on an
-H100 for n = 2048-4096 (versus 4-7 ms for bf16 NS5), so no method here meets the 1.5x NS5 budget
-on CUDA; ``auto`` then takes the fastest method that meets the bar.
+The matmul-only method is ``"tracked_ns"`` (:mod:`.tracked_ns`): it meets the bar with a proven
+bound (~1.5e-3 at p = 1/8) but costs about 3x Muon's NS5 FLOPs, measured 2.4-3.9x NS5 on this
+project's CPU, where the exact ``eigh`` measured 0.59-0.83x at 1B/7B shapes and 1.0-1.7x at 60M. ``auto`` therefore takes ``eigh`` on
+CPUs; on CUDA the H100 probe (benchmarks/results/spectral_h100.md) measured ``eigh`` at 6-18x NS5
+and ``tracked_ns`` has not been timed on a GPU yet, so ``auto`` stays on the exact method there
+until ``benchmarks/spectral.py --device cuda`` says otherwise (docs/spectral.md).
 
 ``gram_rr`` keeps every matrix-sized product in float32 and does float64 work only on n x n
 matrices. Where float64 matmuls are fast (CPUs, H100) it is slower than the exact ``eigh`` (it
@@ -79,12 +76,12 @@ def gram_rr_cost(m: int, n: int) -> float:
 # What "auto" runs, per device type, as (largest n, method) pairs checked in order.
 # Chosen from benchmarks/spectral.py (benchmarks/results/): the fastest method meeting the bar.
 #   device | n (smaller side) | method | why
-#   cpu    | any              | eigh   | exact; fp64 Gram + fp64 eigh of n x n measured at about
-#          |                  |        | 0.7-1.5x fp32 NS5 (Muon); gram_rr needs an fp32 *and* an
-#          |                  |        | fp64 eigh of n x n, which costs more than it saves
-#   cuda   | any              | eigh   | no matmul-only method meets the bar (module doc); cuSOLVER
-#          |                  |        | eigh dominates every eigh-based method on an H100 and the
-#          |                  |        | exact one does a single eigh (see spectral_h100.md)
+#   cpu    | any              | eigh   | exact; fp64 Gram + fp64 eigh of n x n measured at
+#          |                  |        | 0.6-1.7x fp32 NS5 (Muon) vs tracked_ns 2.4-3.9x; gram_rr
+#          |                  |        | needs an fp32 *and* an fp64 eigh, more than it saves
+#   cuda   | any              | eigh   | exact; cuSOLVER eigh dominates every eigh-based method on an
+#          |                  |        | H100 (one eigh here, two in gram_rr; spectral_h100.md);
+#          |                  |        | tracked_ns (~3x NS5 FLOPs, matmul-only) not yet timed on GPU
 #   other  | any              | eigh   | like cpu
 _AUTO_TABLE: dict[str, list[tuple[int, str]]] = {
     "cpu": [(1 << 62, "eigh")],

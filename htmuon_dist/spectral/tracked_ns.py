@@ -26,7 +26,9 @@ has no self-correction. Measured by emulation (``benchmarks/tracked_ns_precision
 10-bit operands (TF32/fp16) the method meets the bar except on rank-deficient fp32 matrices
 (51x over): rounding re-creates the null directions the fp32 cutoff removes, and the lift then
 gives them weight. 7-bit operands (bf16) fail on most spectra. ``f`` is evaluated as a Chebyshev
-series: in monomials its coefficients reach 1e3 and amplify rounding 100x or more.
+series: in monomials its coefficients reach 1e3 and amplify rounding 100x or more. On CUDA,
+leave float32 matmuls at IEEE precision (PyTorch's default): ``allow_tf32`` or
+``set_float32_matmul_precision("high")`` turn them into the 10-bit case above.
 
 Cost: ``(J + 1) (4 m n^2 + 4 n^3)`` FLOPs plus a few (n, n) products for ``f``; ``J = 12`` for
 ``ell = 1e-5``. That is about 3x Muon's NS5 FLOPs at 1B/7B shapes, measured 2.4-3.9x NS5 on CPU.

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from htmuon_dist.spectral.accuracy import random_orthonormal, reference, rel_err  # noqa: F401
+
 SPECTRA = ("gaussian", "inverse", "spike_bulk", "logspaced", "rank_deficient")
 SCALES = (1e-6, 1e-3, 1.0, 1e3)
-
-
-def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator))
-    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
 def make_matrix(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -40,13 +37,4 @@ def make_matrix(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
 
 def reference_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
     """``U S^p V^T`` of exactly ``x`` (float64 SVD), singular values <= rtol*max dropped."""
-    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    keep = s > rtol * s.max()
-    sp = torch.where(keep, s.clamp_min(1e-300).pow(power), torch.zeros_like(s))
-    return (u * sp) @ vh
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    denom = torch.linalg.norm(ref.double())
-    num = torch.linalg.norm(y.double() - ref.double())
-    return float(num / denom) if denom > 0 else float(num)
+    return reference(x, power, rtol)[0]

@@ -72,5 +72,7 @@ def bar(r: torch.Tensor, p: torch.Tensor) -> float:
 
 
 def rel_err(y: torch.Tensor, r: torch.Tensor) -> float:
-    """||y - r|| / ||r|| in float64."""
-    return float((y.double() - r).norm() / r.norm())
+    """||y - r|| / ||r|| in float64 (||y|| when r is zero)."""
+    denom = r.double().norm()
+    num = (y.double() - r.double()).norm()
+    return float(num / denom) if denom > 0 else float(num)

@@ -90,16 +90,15 @@ def cut_factor(ell: float) -> float:
     return 8.0 if ell >= COARSE_ELL else 64.0
 
 
-def _h(y: torch.Tensor) -> torch.Tensor:
-    a, b, c = STEP
-    return a + b * y + c * y * y
-
-
 def _poly(coeffs: tuple[float, ...] | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(y)
     for cj in reversed(list(coeffs)):
         out = out * y + cj
     return out
+
+
+def _h(y: torch.Tensor) -> torch.Tensor:
+    return _poly(STEP, y)
 
 
 def _cheb(lo: float, hi: float, count: int) -> torch.Tensor:

@@ -7,25 +7,32 @@ For each hidden matrix W (m, n) with gradient G, at step t:
     W <- W (1 - lr·wd) - lr · max(1, m/n)^0.5 · O
 Every other parameter gets bias-corrected AdamW with decoupled weight decay.
 
-Which rank does what: momentum, Nesterov blending, weight decay and the update are
-elementwise and run on each rank's local shard; only ``U Σ^p V^T`` needs the whole matrix, and
-:class:`~htmuon_dist.distributed.engine.ExchangeEngine` moves the pieces to the owner and back.
-With one process (or DDP) the same code runs with whole matrices.
+This module is the ``torch.optim.Optimizer`` facade: param groups, state and validation. The
+arithmetic lives in :mod:`htmuon_dist.functional`, and
+:class:`~htmuon_dist.distributed.engine.ExchangeEngine` streams the matrices bucket by bucket
+through their owners, calling back into :class:`_MatrixUpdate` for the elementwise parts,
+which run on each rank's local shard. With one process (or DDP) the same code runs with
+whole matrices.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch.optim import Optimizer
 
+from . import functional as F
 from .distributed.backends import describe_params, zero
 from .distributed.engine import ExchangeEngine, SpectralSpec
+from .integrations import install_guards
 from .spectral import get_method, validate_power
 
-_HTMUON_KEYS = ("lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval")
+_HTMUON_KEYS = (
+    "lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval",
+    "adjust_lr_fn",
+)
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 # What the interval variant runs between its exact steps: Muon's Newton-Schulz polar factor.
 _MUON_SPEC = SpectralSpec(power=0.0, method="ns5", rtol=None)
@@ -61,17 +68,26 @@ class HTMuon(Optimizer):
         interval: if set to k, the exact ``method`` runs on every k-th step only (steps k, 2k,
             ...) and Muon's Newton–Schulz (power 0) on the others, as the reference's
             ``htmuon_interval``; the two kinds of step have different scales under one lr.
+        adjust_lr_fn: the lr scale per matrix, as torch.optim.Muon: None or "original"
+            (``max(1, m/n)^0.5``, the reference's) or "match_rms_adamw" (``0.2·sqrt(max(m,
+            n))``, so that an AdamW learning rate carries over).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW settings for non-matrix
             parameters (the reference uses lr 1e-3 at 60M-350M, betas (0.9, 0.95), eps 1e-10).
         nonfinite: what a NaN/Inf gradient does: "raise" (FloatingPointError naming the
             parameters, nothing is modified) or "skip" (the whole step is skipped on every
             rank, a warning is issued and ``skipped_steps`` counts it).
+        nonfinite_patience: with ``nonfinite="skip"``, this many skipped steps in a row raise
+            ``FloatingPointError`` (the run is diverging, not hitting a rare spike); None never.
         process_group: "auto" (detect from the parameters: FSDP2 mesh, FSDP1 group, or the
             world group for replicated DDP parameters), None (no communication even if
             torch.distributed is initialised), or an explicit process group.
-        comm_dtype: dtype of the exchanged pieces (None = the momentum's dtype; bf16 halves
-            traffic at ~3 significant digits).
-        bucket_numel: elements of whole matrices per exchange bucket.
+        comm_dtype: dtype of the exchanged pieces and of the owners' whole matrices (None =
+            the momentum's dtype; bf16 halves traffic and owner memory at ~3 significant
+            digits). Every rank, the owner included, uses the same rounded values, so replicas
+            stay bit-identical, and the rank cutoff follows this dtype.
+        bucket_numel: per-rank cap on the elements one exchange bucket may hold (matrices
+            owned whole + local pieces); None = twice the largest matrix, which bounds the
+            step's temporaries by a few times the largest matrix (docs/distributed.md).
     """
 
     def __init__(
@@ -85,29 +101,45 @@ class HTMuon(Optimizer):
         method: str = "eigh",
         rtol: Optional[float] = None,
         interval: Optional[int] = None,
+        adjust_lr_fn: Optional[str] = None,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float = 0.0,
         nonfinite: str = "raise",
+        nonfinite_patience: Optional[int] = 10,
         process_group: Any = "auto",
         comm_dtype: Optional[torch.dtype] = None,
-        bucket_numel: int = 1 << 28,
+        bucket_numel: Optional[int] = None,
     ) -> None:
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if nonfinite_patience is not None and not (
+            isinstance(nonfinite_patience, int) and nonfinite_patience >= 1
+        ):
+            raise ValueError(
+                f"nonfinite_patience must be a positive int or None, got {nonfinite_patience!r}"
+            )
+        if bucket_numel is not None and not (isinstance(bucket_numel, int) and bucket_numel >= 1):
+            raise ValueError(f"bucket_numel must be a positive int or None, got {bucket_numel!r}")
+        if comm_dtype is not None and not (
+            isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point
+        ):
+            raise ValueError(f"comm_dtype must be a floating torch.dtype or None, got {comm_dtype!r}")
         self._htmuon_defaults = dict(
             lr=lr, power=power, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            method=method, rtol=rtol, interval=interval,
+            method=method, rtol=rtol, interval=interval, adjust_lr_fn=adjust_lr_fn,
         )
         self._adamw_defaults = dict(
             lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
         )
         self.nonfinite = nonfinite
+        self.nonfinite_patience = nonfinite_patience
         self.process_group = process_group
         self.comm_dtype = comm_dtype
-        self.bucket_numel = int(bucket_numel)
+        self.bucket_numel = bucket_numel
         self.skipped_steps = 0
+        self._skipped_in_a_row = 0
         self._engine: Optional[ExchangeEngine] = None
         self._placements: list = []
         self._fsdp1_registry: dict = {}
@@ -123,12 +155,7 @@ class HTMuon(Optimizer):
         if not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         super().__init__([g for group in groups for g in self._split(group)], {})
-        # Under Accelerate's DeepSpeed plugin, refuse configs that would drop or bypass HTMuon
-        # (optimizer block, offload, fp16 on CPU, accumulation mismatch) before prepare().
-        from .integrations.deepspeed import check_accelerate, guard_use_muon
-
-        check_accelerate(self)
-        self._use_muon_guards = guard_use_muon(self._origins)
+        self._use_muon_guards = install_guards(self)
 
     # -- param groups ------------------------------------------------------------------------
 
@@ -209,6 +236,10 @@ class HTMuon(Optimizer):
                 not isinstance(group["interval"], int) or group["interval"] < 1
             ):
                 raise ValueError(f"interval must be a positive int or None, got {group['interval']!r}")
+            if group["adjust_lr_fn"] not in F.ADJUST_LR_FNS:
+                raise ValueError(
+                    f"adjust_lr_fn must be one of {F.ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
+                )
         else:
             beta1, beta2 = group["betas"]
             if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
@@ -280,6 +311,7 @@ class HTMuon(Optimizer):
             group=described.group,
             comm_dtype=self.comm_dtype,
             bucket_numel=self.bucket_numel,
+            domains=described.domains,
         )
         if described.backend != "zero":  # a new parameter set replaces the old one
             self._engines.clear()
@@ -297,10 +329,33 @@ class HTMuon(Optimizer):
         over the flat partitions, each exchanged in its own step() call)."""
         return sum(entry[0].comm_bytes_last_step for entry in self._engines.values())
 
+    def memory_bound(self) -> int:
+        """This rank's contract for the bytes a step allocates beyond parameters, gradients
+        and optimizer state (docs/distributed.md, "Memory contract"): the exchange's peak
+        (:meth:`ExchangeEngine.memory_bound`), or the non-finite check's and AdamW's
+        temporaries if larger (they run before and after it). Valid after the first step."""
+        if not self._engines and not any(not g["htmuon"] for g in self.param_groups):
+            raise RuntimeError("memory_bound() needs the layouts: call it after the first step()")
+        bound = 0
+        for engine, placements, _ in self._engines.values():
+            wire = self.comm_dtype
+            params = [p for p, _, _, _ in self._matrix_params()]
+            elem = (torch.empty(0, dtype=wire).element_size() if wire is not None
+                    else max((p.element_size() for p in params), default=4))
+            bound = max(bound, engine.memory_bound(wire_bytes=elem))
+        local = [_local(p) for g in self.param_groups for p in g["params"]]
+        largest = max((t.numel() for t in local), default=0)
+        adamw = [_local(p) for g in self.param_groups if not g["htmuon"] for p in g["params"]]
+        adamw_temp = max((t.numel() * t.element_size() for t in adamw), default=0)
+        return max(bound, largest, adamw_temp)  # the non-finite check: one bool per element
+
     # -- the step ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One optimizer step; collective over the exchange group. Host synchronisations: one
+        (the step's small collective, or the non-finite check with one process); more only
+        when a non-finite gradient is found, to name it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -315,28 +370,49 @@ class HTMuon(Optimizer):
             views[i](_local(p.grad)) if p.grad is not None else None
             for i, (p, _, _, _) in enumerate(matrices)
         ]
-        has_piece = [g is not None and g.numel() > 0 for g in grads]
-        bad = self._nonfinite_names(matrices, grads, adamw)
+        local_grads = [g for g in grads if g is not None and g.numel()]
+        local_grads += [_local(p.grad) for p, _ in adamw if _local(p.grad).numel()]
+        flag, device = _nonfinite_flag(local_grads)
         step_no = self._next_step_number(matrices, adamw)
         if engine is not None:
-            any_bad, active = engine.sync_step(step_no, bool(bad), has_piece)
+            has_piece = [g is not None and g.numel() > 0 for g in grads]
+            any_bad, active = engine.sync_step(step_no, flag, has_piece, device)
         else:
-            any_bad, active = bool(bad), []
+            any_bad, active = bool(flag), []
         if any_bad:
-            where = ", ".join(bad) if bad else "on another rank"
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"HTMuon: non-finite gradient ({where}); nothing was updated. Lower the lr, "
-                    f"clip gradients, or pass nonfinite='skip' to skip such steps"
-                )
-            self.skipped_steps += 1
-            warnings.warn(f"HTMuon: skipped a step with non-finite gradients ({where})")
+            self._skip_or_raise(matrices, grads, adamw)
             return loss
+        self._skipped_in_a_row = 0
 
         if matrices:
-            self._matrix_step(matrices, views, grads, active, step_no)
+            update = _MatrixUpdate(self, matrices, views, grads, active)
+            specs = [
+                _MUON_SPEC if g["interval"] and step_no % g["interval"] != 0 else self._spec(g)
+                for _, g, _, _ in matrices
+            ]
+            engine.step(update, active, specs)
+            update.count_step()
         self._adamw_step(adamw)
         return loss
+
+    def _skip_or_raise(self, matrices, grads, adamw) -> None:
+        bad = _nonfinite_names(matrices, grads, adamw)
+        where = ", ".join(bad) if bad else "on another rank"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"HTMuon: non-finite gradient ({where}); nothing was updated. Lower the lr, "
+                f"clip gradients, or pass nonfinite='skip' to skip such steps"
+            )
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        if self.nonfinite_patience is not None and self._skipped_in_a_row >= self.nonfinite_patience:
+            raise FloatingPointError(
+                f"HTMuon: {self._skipped_in_a_row} steps in a row had non-finite gradients "
+                f"(last: {where}); the run is diverging rather than hitting a rare spike. Lower "
+                f"the lr, clip gradients, or resume from an earlier checkpoint (nonfinite_patience="
+                f"{self.nonfinite_patience})"
+            )
+        warnings.warn(f"HTMuon: skipped a step with non-finite gradients ({where})")
 
     def _next_step_number(self, matrices, adamw) -> int:
         """The 1-based number of the step about to run (the same on every rank)."""
@@ -346,82 +422,29 @@ class HTMuon(Optimizer):
                 return int(state["step"]) + 1
         return 1
 
-    @staticmethod
-    def _nonfinite_names(matrices, grads, adamw) -> list[str]:
-        flags: list[torch.Tensor] = []
-        names: list[str] = []
-        for (p, _, name, _), g in zip(matrices, grads):
-            if g is not None and g.numel():
-                flags.append(torch.isfinite(g).all())
-                names.append(name)
-        for j, (p, _) in enumerate(adamw):
-            g = _local(p.grad)
-            if g.numel():
-                flags.append(torch.isfinite(g).all())
-                names.append(f"adamw param {j} {tuple(p.shape)}")
-        if not flags:
-            return []
-        ok = torch.stack([f.to(flags[0].device) for f in flags]).cpu()  # one sync, not one each
-        return [n for n, good in zip(names, ok.tolist()) if not good]
-
-    def _matrix_step(self, matrices, views, grads, active, step_no: int) -> None:
-        engine = self._engine
-        pieces: list[Optional[torch.Tensor]] = []
-        for i, (p, group, _, _) in enumerate(matrices):
-            if not active[i]:
-                pieces.append(None)
-                continue
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-                state["step"] = torch.tensor(0.0)
-            buf = views[i](_local(state["momentum_buffer"]))
-            grad = grads[i] if grads[i] is not None else torch.zeros_like(buf)
-            buf.lerp_(grad, 1.0 - group["momentum"])
-            pieces.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf.clone())
-
-        specs = [
-            _MUON_SPEC if g["interval"] and step_no % g["interval"] != 0 else self._spec(g)
-            for _, g, _, _ in matrices
-        ]
-        updates = engine.run(pieces, specs)
-
-        stepped: set[int] = set()  # a ZeRO flat partition holds several matrices, one counter
-        for i, (p, group, _, _) in enumerate(matrices):
-            if updates[i] is None:
-                continue
-            state = self.state[p]
-            if id(p) not in stepped:
-                stepped.add(id(p))
-                state["step"] += 1
-            rows, cols = self._placements[i].shape
-            scale = max(1.0, rows / cols) ** 0.5
-            local = views[i](_local(p))
-            lr = group["lr"]
-            if group["weight_decay"]:
-                local.mul_(1.0 - lr * group["weight_decay"])
-            local.add_(updates[i], alpha=-lr * scale)
-
     def _adamw_step(self, adamw) -> None:
+        """AdamW per param group, in chunks that bound the temporaries (the denominators) by
+        the largest chunk rather than by all AdamW parameters together."""
+        by_group: dict[int, tuple[dict, list[torch.Tensor]]] = {}
         for p, group in adamw:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = float(state["step"])
-            beta1, beta2 = group["betas"]
-            grad = _local(p.grad)
-            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-            m.lerp_(grad, 1.0 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            local = _local(p)
-            lr = group["lr"]
-            if group["weight_decay"]:
-                local.mul_(1.0 - lr * group["weight_decay"])
-            denom = (v / (1.0 - beta2**t)).sqrt_().add_(group["eps"])
-            local.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
+            by_group.setdefault(id(group), (group, []))[1].append(p)
+        for group, params in by_group.values():
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+            for chunk in _chunks(params, max(p.numel() for p in params)):
+                states = [self.state[p] for p in chunk]
+                F.adamw_(
+                    [_local(p) for p in chunk], [_local(p.grad) for p in chunk],
+                    [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states],
+                    [int(s["step"]) for s in states],
+                    lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
 
     def load_state_dict(self, state_dict: dict) -> None:
         before = list(self.param_groups)
@@ -434,6 +457,114 @@ class HTMuon(Optimizer):
         ]
         self._engine = None  # rebuilt at the next step from the (possibly new) parameters
         self._engines.clear()
+
+
+class _MatrixUpdate:
+    """HTMuon's side of one step for the exchange engine (its ``MatrixUpdate``): momentum,
+    the transform input and the update, each on this rank's local pieces only.
+
+    Pieces are flat local views (``views[i]``) of the parameter, its gradient and the momentum;
+    a matrix's global flat offsets ``[start, end)`` map to ``[start - s0, end - s0)`` of the
+    view, where ``s0`` is the start of this rank's range.
+    """
+
+    def __init__(self, opt: HTMuon, matrices, views, grads, active: Sequence[bool]) -> None:
+        self.opt = opt
+        self.matrices = matrices
+        self.views = views
+        self.active = list(active)
+        self.bufs: list[Optional[torch.Tensor]] = [None] * len(matrices)
+        self.grads: list[Optional[torch.Tensor]] = list(grads)
+        self._device = torch.device("cpu")
+        for i, (p, _, _, _) in enumerate(matrices):
+            if not self.active[i]:
+                continue
+            state = opt.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+                state["step"] = torch.tensor(0.0)
+            self.bufs[i] = views[i](_local(state["momentum_buffer"]))
+            self._device = self.bufs[i].device
+            if self.grads[i] is None:  # other ranks hold this matrix's gradient
+                self.grads[i] = torch.zeros_like(self.bufs[i])
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def dtype(self, i: int) -> torch.dtype:
+        return self.bufs[i].dtype  # type: ignore[union-attr]
+
+    def _base(self, i: int) -> int:
+        return self.opt._placements[i].local_range[0]
+
+    def prepare(self, indices: Sequence[int]) -> None:
+        by_beta: dict[float, tuple[list, list]] = {}
+        for i in indices:
+            buf = self.bufs[i]
+            if buf is not None and buf.numel():
+                bufs, grads = by_beta.setdefault(self.matrices[i][1]["momentum"], ([], []))
+                bufs.append(buf)
+                grads.append(self.grads[i])
+        for beta, (bufs, grads) in by_beta.items():
+            F.momentum_(bufs, grads, beta)
+
+    def source_into(self, i: int, start: int, end: int, out: torch.Tensor) -> None:
+        group = self.matrices[i][1]
+        a, b = start - self._base(i), end - self._base(i)
+        F.nesterov_into(out, self.grads[i][a:b], self.bufs[i][a:b],  # type: ignore[index]
+                        group["momentum"], group["nesterov"])
+
+    def apply(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
+        params, updates, lrs, decays, scales = [], [], [], [], []
+        for i, piece in items:
+            p, group, _, _ = self.matrices[i]
+            rows, cols = self.opt._placements[i].shape
+            params.append(self.views[i](_local(p)))
+            updates.append(piece)
+            lrs.append(group["lr"])
+            decays.append(group["weight_decay"])
+            scales.append(F.muon_scale(rows, cols, group["adjust_lr_fn"]))
+        F.decay_and_update_(params, updates, lrs, decays, scales)
+
+    def count_step(self) -> None:
+        """One step per parameter tensor (a ZeRO flat partition holds several matrices)."""
+        stepped: set[int] = set()
+        for i, (p, _, _, _) in enumerate(self.matrices):
+            if self.active[i] and id(p) not in stepped:
+                stepped.add(id(p))
+                self.opt.state[p]["step"] += 1
+
+
+def _nonfinite_flag(grads: Sequence[torch.Tensor]) -> tuple["torch.Tensor | bool", Optional[torch.device]]:
+    """Whether any of ``grads`` holds a NaN/Inf, as a 0-d tensor left on the device (no host
+    synchronisation here), and that device."""
+    if not grads:
+        return False, None
+    device = grads[0].device
+    ok = torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
+    return ~ok, device
+
+
+def _nonfinite_names(matrices, grads, adamw) -> list[str]:
+    """The names of the tensors with NaN/Inf (synchronises; only on the failing path)."""
+    names = [name for (_, _, name, _), g in zip(matrices, grads)
+             if g is not None and g.numel() and not bool(torch.isfinite(g).all())]
+    return names + [f"adamw param {j} {tuple(p.shape)}" for j, (p, _) in enumerate(adamw)
+                    if not bool(torch.isfinite(_local(p.grad)).all())]
+
+
+def _chunks(params: list[torch.Tensor], numel: int) -> list[list[torch.Tensor]]:
+    """Consecutive tensors in lists of at most ``numel`` elements (at least one each)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for p in params:
+        if not out or size + p.numel() > numel:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += p.numel()
+    return out
 
 
 def attach_fsdp1(optimizer: HTMuon, model: torch.nn.Module) -> HTMuon:

@@ -1,32 +1,50 @@
-"""The exchange engine: gather each matrix onto its owner, compute ``U Σ^p V^T`` once, send
-every rank back its piece of the result.
+"""The exchange engine: stream the matrices bucket by bucket through their owners.
 
-One engine serves every backend: it sees only :class:`ShardLayout` ranges and flat local
-pieces. Per bucket it issues one packed ``all_to_all_single`` towards the owners and one back,
-with variable split sizes (no padding). Buckets are pipelined: the gather of bucket k+1 is in
-flight while the owner computes bucket k.
+One engine serves every backend: it sees only :class:`ShardLayout` ranges and this rank's
+flat local pieces. Per bucket (:mod:`.planner` cuts buckets by per-rank memory and balances
+owners inside each one), every rank runs the same sequence:
 
-Bytes sent by rank r per step (``comm_bytes_last_step``), with e the communication element
-size, src_r(i) the part of matrix i that r sends to its owner and R_r(i) r's piece:
+    prepare   momentum of this rank's pieces of the bucket, in place     (MatrixUpdate.prepare)
+    gather    one packed all_to_all: each piece to its matrix's owner, written straight from
+              the Nesterov blend into the send buffer in the wire dtype (MatrixUpdate.source_into)
+    compute   the owner assembles its matrices whole (wire dtype) and computes U Σ^p V^T,
+              same-shape matrices batched within a workspace budget
+    scatter   one packed all_to_all back: every rank receives its range of each result
+    apply     weight decay and the scaled update, written into the local shard (MatrixUpdate.apply)
+    free      nothing of the bucket outlives it
+
+Pipelining keeps at most two buckets in flight: the gather of bucket k+1 runs while the
+owner computes bucket k, and bucket k-1's scatter is finished before that compute starts.
+
+The wire dtype is applied evenly: every piece the owner uses (its own included) and every
+piece of the result that any rank applies (the owner's own included) is rounded to it, so
+replicas (DDP, HSDP) stay bit-identical and the rank cutoff follows the wire's precision.
+
+Bytes sent by rank r per step (``comm_bytes_last_step``), with e the wire element size,
+src_r(i) the part of matrix i that r sends to its owner and R_r(i) r's piece:
     gather:  sum over i with owner(i) != r of |src_r(i)|·e
     scatter: sum over i with owner(i) == r of sum over s != r of |R_s(i)|·e
-For W equal disjoint shards this is about 2·(W-1)/W² of all matrix bytes per rank, i.e.
-2·(W-1)/W·total summed over ranks; for replicated matrices the gather is free and the scatter
-sends each whole result to the W-1 other ranks.
+
+Memory: :meth:`ExchangeEngine.memory_bound` gives each rank's peak of temporaries from the
+plan (docs/distributed.md, "Memory contract").
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..spectral import method_cost, spectral_power
+from ..spectral import method_cost, method_workspace, spectral_power
 from .layout import Range, ShardLayout, gather_sources, validate_ranges
 from .planner import Plan, make_plan
+
+# Temporary bytes one compute batch may use beyond its inputs and outputs; same-shape
+# matrices are batched up to this (at least one matrix per batch).
+DEFAULT_WORKSPACE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -42,14 +60,47 @@ class PlanMismatchError(RuntimeError):
     """The ranks of an exchange group disagree on the matrices, their layouts or the plan."""
 
 
+class MatrixUpdate(Protocol):
+    """What the engine asks of the optimizer during one step; all calls act on this rank's
+    local data, with matrix indices into the engine's matrix list and global flat offsets."""
+
+    def prepare(self, indices: Sequence[int]) -> None:
+        """Updates the momentum of this rank's pieces of ``indices`` in place."""
+
+    def source_into(self, i: int, start: int, end: int, out: torch.Tensor) -> None:
+        """Writes ``[start, end)`` of matrix i's transform input (within this rank's range)
+        into the flat ``out`` (wire dtype)."""
+
+    def apply(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """Applies, per (i, piece), this rank's flat piece of matrix i's result."""
+
+    def dtype(self, i: int) -> torch.dtype:
+        """The dtype of matrix i's local pieces."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's pieces live."""
+
+
 def _rank_and_world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+@dataclass
+class _Pending:
+    """An exchange in flight: its work handle, receive buffer and bookkeeping."""
+
+    work: Any
+    recv: torch.Tensor
+    splits: list[int]
+    bucket: tuple[int, ...]
+    sent: int = 0
+
+
 class ExchangeEngine:
-    """Owns the plan for a fixed list of matrices and runs the exchange each step.
+    """Owns the plan for a fixed list of matrices and streams them through their owners.
 
     Every rank constructs the engine with the same matrix list (same order, shapes, specs) and
     its own local ranges; construction is collective (one ``all_gather_object``) and raises
@@ -61,8 +112,13 @@ class ExchangeEngine:
         specs: the spectral computation of each matrix (for the cost model and batching).
         names: for error messages.
         group: the process group of the ranks that share these matrices; None = one process.
-        comm_dtype: dtype on the wire (None = the pieces' dtype; torch.bfloat16 halves traffic).
-        bucket_numel: elements of whole matrices per bucket (bounds the owners' buffers).
+        comm_dtype: dtype on the wire and of the owner's whole matrices (None = the pieces'
+            dtype; torch.bfloat16 halves traffic and owner memory).
+        bucket_numel: per-rank cap on owned + local elements per bucket (None = twice the
+            largest matrix, see :func:`~htmuon_dist.distributed.planner.default_bucket_numel`).
+        domains: per rank of ``group``, a locality domain (e.g. HSDP replica group / node);
+            owners gather from their own domain first. None = one domain.
+        workspace_bytes: temporary memory one compute batch may use.
     """
 
     def __init__(
@@ -73,7 +129,9 @@ class ExchangeEngine:
         names: Sequence[str],
         group: Optional[dist.ProcessGroup] = None,
         comm_dtype: Optional[torch.dtype] = None,
-        bucket_numel: int = 1 << 28,
+        bucket_numel: Optional[int] = None,
+        domains: Optional[Sequence[int]] = None,
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     ) -> None:
         self.group = group
         self.rank, self.world_size = _rank_and_world(group)
@@ -81,6 +139,8 @@ class ExchangeEngine:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.specs = list(specs)
         self.comm_dtype = comm_dtype
+        self.workspace_bytes = int(workspace_bytes)
+        self.domains = list(domains) if domains is not None else None
         all_ranges = self._agree(list(local_ranges))
         self.layouts: list[ShardLayout] = []
         for i, name in enumerate(self.names):
@@ -93,7 +153,8 @@ class ExchangeEngine:
         self.plan: Plan = make_plan(self.shapes, costs, self.world_size, bucket_numel, held)
         self._check_plan()
         self.sources: list[tuple[Range, ...]] = [
-            gather_sources(l, self.plan.owners[i], self.names[i]) for i, l in enumerate(self.layouts)
+            gather_sources(l, self.plan.owners[i], self.names[i], self.domains)
+            for i, l in enumerate(self.layouts)
         ]
         self.comm_bytes_last_step = 0
         self.comm_bytes_total = 0
@@ -102,7 +163,9 @@ class ExchangeEngine:
 
     def _agree(self, local_ranges: list[Range]) -> list[list[Range]]:
         """All-gathers every rank's ranges and checks that all ranks have the same matrices."""
-        digest = hashlib.sha1(repr((self.shapes, self.specs, self.world_size)).encode()).hexdigest()[:16]
+        digest = hashlib.sha1(
+            repr((self.shapes, self.specs, self.world_size, self.domains)).encode()
+        ).hexdigest()[:16]
         if self.world_size == 1:
             return [local_ranges]
         gathered: list = [None] * self.world_size
@@ -131,27 +194,42 @@ class ExchangeEngine:
 
     # -- per step -------------------------------------------------------------------------
 
-    def sync_step(self, step: int, nonfinite: bool, has_piece: Sequence[bool]) -> tuple[bool, list[bool]]:
-        """One small collective per step: checks the ranks are at the same step, and agrees on
-        whether any rank saw a non-finite gradient and which matrices take part.
+    def sync_step(
+        self, step: int, nonfinite: "torch.Tensor | bool", has_piece: Sequence[bool],
+        device: Optional[torch.device] = None,
+    ) -> tuple[bool, list[bool]]:
+        """The step's one host synchronisation: one small collective checks that the ranks
+        are at the same step, and agrees on whether any rank saw a non-finite gradient and
+        which matrices take part.
+
+        Args:
+            step: the step about to run (host integer).
+            nonfinite: this rank's flag; a device tensor stays on the device until the
+                collective, so the flags of many tensors cost no extra synchronisation.
+            has_piece: per matrix, whether this rank has a gradient piece for it.
+            device: where ``nonfinite`` lives (default: the collective's device).
 
         Returns:
             (any rank non-finite, per matrix: some rank has a gradient for it).
         """
+        coll = self._device_for_collectives() if self.world_size > 1 else (device or torch.device("cpu"))
+        head = torch.tensor([step, *map(int, has_piece)], dtype=torch.int64)
+        flag = torch.as_tensor(nonfinite).reshape(1).to(device=coll, dtype=torch.int64)
+        local = torch.cat([head.to(coll, non_blocking=True), flag])
         if self.world_size == 1:
-            return nonfinite, list(has_piece)
-        device = self._device_for_collectives()
-        local = torch.tensor([step, int(nonfinite), *map(int, has_piece)], dtype=torch.int64, device=device)
-        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(gathered, local, group=self.group)
-        table = torch.stack(gathered).cpu()
-        steps = table[:, 0].tolist()
+            table = local.unsqueeze(0).tolist()  # the step's one host synchronisation
+        else:
+            gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+            dist.all_gather(gathered, local, group=self.group)
+            table = torch.stack(gathered).tolist()  # the step's one host synchronisation
+        steps = [row[0] for row in table]
         if len(set(steps)) != 1:
             raise PlanMismatchError(
                 f"HTMuon ranks are at different steps {steps} (rank: step); a rank skipped or "
                 f"repeated optimizer.step(); every rank must call step() the same number of times"
             )
-        return bool(table[:, 1].any()), [bool(v) for v in table[:, 2:].any(dim=0).tolist()]
+        active = [any(row[1 + j] for row in table) for j in range(len(has_piece))]
+        return any(row[-1] for row in table), active
 
     def _device_for_collectives(self) -> torch.device:
         backend = dist.get_backend(self.group)
@@ -159,162 +237,306 @@ class ExchangeEngine:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def _active_buckets(self, active: Sequence[bool]) -> list[tuple[int, ...]]:
+        buckets = [tuple(i for i in b if active[i]) for b in self.plan.buckets]
+        return [b for b in buckets if b]
+
+    def _wire(self, bucket: Sequence[int], update: MatrixUpdate) -> torch.dtype:
+        if self.comm_dtype is not None:
+            return self.comm_dtype
+        dtype = update.dtype(bucket[0])
+        for i in bucket[1:]:
+            dtype = torch.promote_types(dtype, update.dtype(i))
+        return dtype
+
+    def step(self, update: MatrixUpdate, active: Sequence[bool],
+             specs: Optional[Sequence[SpectralSpec]] = None) -> None:
+        """Runs one optimizer step for the matrices, streaming bucket by bucket.
+
+        Args:
+            update: the optimizer's side (momentum, transform input, apply).
+            active: per matrix, whether it takes part this step (the same on every rank, see
+                :meth:`sync_step`).
+            specs: per matrix, what to compute this step (default: the specs the plan was made
+                for; the interval variant swaps in Muon's on most steps). Must agree across ranks.
+        """
+        specs = list(specs) if specs is not None else self.specs
+        buckets = self._active_buckets(active)
+        sent = 0
+        if buckets:
+            update.prepare(buckets[0])
+            gather = self._start_gather(buckets[0], update, self._wire(buckets[0], update))
+            scatter: Optional[_Pending] = None
+            for k, bucket in enumerate(buckets):
+                wire = self._wire(bucket, update)
+                batches, nbytes = self._finish_gather(bucket, update, specs, wire, gather)
+                gather = None  # its buffers go now, not when the next gather replaces them
+                sent += nbytes
+                if scatter is not None:
+                    self._finish_scatter(scatter, update)
+                    scatter = None
+                if k + 1 < len(buckets):
+                    update.prepare(buckets[k + 1])
+                    gather = self._start_gather(buckets[k + 1], update, self._wire(buckets[k + 1], update))
+                results = self._compute(batches, specs)
+                del batches
+                update.apply(self._own_pieces(bucket, results))
+                scatter, nbytes = self._start_scatter(bucket, results, wire, update.device)
+                sent += nbytes
+                del results
+            if scatter is not None:
+                self._finish_scatter(scatter, update)
+        self.comm_bytes_last_step = sent
+        self.comm_bytes_total += sent
+
     def run(
         self,
         pieces: Sequence[Optional[torch.Tensor]],
         specs: Optional[Sequence[SpectralSpec]] = None,
     ) -> list[Optional[torch.Tensor]]:
-        """Computes every active matrix's spectral power and returns this rank's pieces.
+        """Functional form: this rank's piece of ``spectral_power`` of every active matrix.
 
         Args:
             pieces: per matrix, this rank's flat piece (numel = its range length) of the
                 matrix to transform, or None for matrices that sit this step out (the same on
-                every rank, see :meth:`sync_step`).
-            specs: per matrix, what to compute this step (default: the specs the plan was made
-                for; the interval variant swaps in Muon's on most steps). Must agree across ranks.
+                every rank).
+            specs: as in :meth:`step`.
 
         Returns:
-            per matrix, this rank's flat piece of ``spectral_power(whole matrix)``, in the
-            piece's dtype, or None where the input was None.
+            per matrix, this rank's flat piece of the result in the wire dtype, or None where
+            the input was None.
         """
-        specs = list(specs) if specs is not None else self.specs
-        active = [p is not None for p in pieces]
-        out: list[Optional[torch.Tensor]] = [None] * len(pieces)
-        sent = 0
-        buckets = [tuple(i for i in b if active[i]) for b in self.plan.buckets]
-        buckets = [b for b in buckets if b]
-        if not buckets:
-            self.comm_bytes_last_step = 0
-            return out
-        pending_gather = self._start_gather(buckets[0], pieces)
-        pending_scatters = []
-        for k, bucket in enumerate(buckets):
-            wholes, nbytes = self._finish_gather(bucket, pieces, pending_gather)
-            sent += nbytes
-            if k + 1 < len(buckets):
-                pending_gather = self._start_gather(buckets[k + 1], pieces)
-            results = self._compute(wholes, specs)
-            scatter = self._start_scatter(bucket, results, pieces, out)
-            sent += scatter[-1]
-            pending_scatters.append(scatter)
-        for scatter in pending_scatters:
-            self._finish_scatter(scatter, pieces, out)
-        self.comm_bytes_last_step = sent
-        self.comm_bytes_total += sent
+        update = _PiecesUpdate(self, pieces)
+        self.step(update, [p is not None for p in pieces], specs)
+        return update.out
+
+    def map_owned(
+        self, pieces: Sequence[Optional[torch.Tensor]], fn: Callable[[int, torch.Tensor], Any]
+    ) -> dict[int, Any]:
+        """Gathers each matrix onto its owner, bucket by bucket, and calls ``fn(i, whole)``
+        there (whole: (m, n) in the pieces' dtype); nothing is sent back. Collective.
+
+        Returns:
+            ``{i: fn(i, whole)}`` for the matrices this rank owns.
+        """
+        update = _PiecesUpdate(self, pieces)
+        specs = self.specs
+        out: dict[int, Any] = {}
+        for bucket in self._active_buckets([p is not None for p in pieces]):
+            wire = self._wire(bucket, update)
+            pending = self._start_gather(bucket, update, wire)
+            batches, _ = self._finish_gather(bucket, update, specs, wire, pending)
+            for members, batch in batches.values():
+                for j, i in enumerate(members):
+                    out[i] = fn(i, batch[j])
+            del batches
         return out
 
     # -- the two exchanges ------------------------------------------------------------------
 
-    def _exchange(self, send_chunks: list[list[torch.Tensor]], recv_splits: list[int], like: torch.Tensor):
-        """Packs ``send_chunks[dst]`` back to back and starts one variable-split all_to_all.
+    def _all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+                    bucket: tuple[int, ...]) -> _Pending:
+        recv = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
+        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group,
+                                      async_op=True)
+        return _Pending(work=work, recv=recv, splits=recv_splits, bucket=bucket,
+                        sent=send.numel() * send.element_size())
 
-        Returns (async work, receive buffer, bytes sent); ``like`` gives the device and, unless
-        ``comm_dtype`` is set, the wire dtype.
-        """
-        wire = self.comm_dtype or like.dtype
-        send_splits = [sum(c.numel() for c in chunks) for chunks in send_chunks]
-        flat = [c for chunks in send_chunks for c in chunks]
-        send = torch.cat(flat).to(wire) if flat else torch.empty(0, dtype=wire, device=like.device)
-        recv = torch.empty(sum(recv_splits), dtype=wire, device=like.device)
-        work = dist.all_to_all_single(
-            recv, send, recv_splits, send_splits, group=self.group, async_op=True
-        )
-        return work, recv, send.numel() * send.element_size()
-
-    def _start_gather(self, bucket, pieces):
-        """Packs, per destination owner, this rank's source slices and starts the all_to_all."""
+    def _start_gather(self, bucket, update: MatrixUpdate, wire: torch.dtype) -> Optional[_Pending]:
+        """Writes, per destination owner, this rank's source slices into one send buffer and
+        starts the all_to_all."""
         if self.world_size == 1:
             return None
-        send_chunks: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
+        send_splits = [0] * self.world_size
         recv_splits = [0] * self.world_size
         for i in bucket:
             owner = self.plan.owners[i]
             if owner != self.rank:
                 start, end = self.sources[i][self.rank]
-                if end > start:
-                    base = self.layouts[i].ranges[self.rank][0]
-                    send_chunks[owner].append(pieces[i][start - base : end - base])
+                send_splits[owner] += end - start
             else:
                 for src in range(self.world_size):
                     if src != self.rank:
                         start, end = self.sources[i][src]
                         recv_splits[src] += end - start
-        work, recv, nbytes = self._exchange(send_chunks, recv_splits, pieces[bucket[0]])
-        return work, recv, recv_splits, nbytes
+        send = torch.empty(sum(send_splits), dtype=wire, device=update.device)
+        offsets = [sum(send_splits[:d]) for d in range(self.world_size)]
+        for i in bucket:  # ascending index within each destination's chunk
+            owner = self.plan.owners[i]
+            start, end = self.sources[i][self.rank]
+            if owner != self.rank and end > start:
+                update.source_into(i, start, end, send[offsets[owner] : offsets[owner] + end - start])
+                offsets[owner] += end - start
+        return self._all_to_all(send, send_splits, recv_splits, bucket)
 
-    def _finish_gather(self, bucket, pieces, pending) -> tuple[dict[int, torch.Tensor], int]:
-        """Waits for the gather and assembles each owned matrix whole (flat, compute dtype)."""
-        wholes: dict[int, torch.Tensor] = {}
+    def _finish_gather(self, bucket, update: MatrixUpdate, specs, wire: torch.dtype,
+                       pending: Optional[_Pending]) -> tuple[dict[tuple, tuple[list[int], torch.Tensor]], int]:
+        """Assembles each owned matrix whole, in the wire dtype, inside one batch tensor per
+        (shape, spec): ``{key: (matrix indices, (b, m, n) tensor)}``."""
         owned = [i for i in bucket if self.plan.owners[i] == self.rank]
+        members: dict[tuple, list[int]] = {}
         for i in owned:
-            piece = pieces[i]
-            # The piece's dtype, not float32: the default rank cutoff follows the data's precision.
-            whole = torch.empty(self.layouts[i].numel, dtype=piece.dtype, device=piece.device)
-            start, end = self.layouts[i].ranges[self.rank]
-            whole[start:end] = piece
-            wholes[i] = whole
+            members.setdefault((self.shapes[i], specs[i]), []).append(i)
+        batches: dict[tuple, tuple[list[int], torch.Tensor]] = {}
+        slots: dict[int, torch.Tensor] = {}
+        for key, idx in members.items():
+            m, n = key[0]
+            batch = torch.empty(len(idx), m, n, dtype=wire, device=update.device)
+            batches[key] = (idx, batch)
+            for j, i in enumerate(idx):
+                slots[i] = batch[j].view(-1)
+                start, end = self.layouts[i].ranges[self.rank]
+                if end > start:
+                    update.source_into(i, start, end, slots[i][start:end])
         if pending is None:
-            return wholes, 0
-        work, recv, recv_splits, nbytes = pending
-        work.wait()
-        offsets = [sum(recv_splits[:s]) for s in range(self.world_size)]
+            return batches, 0
+        pending.work.wait()
+        recv, offsets = pending.recv, [sum(pending.splits[:s]) for s in range(self.world_size)]
         for i in owned:  # ascending index within each source's chunk, as packed by the sender
             for src in range(self.world_size):
-                if src == self.rank:
-                    continue
                 start, end = self.sources[i][src]
-                if end > start:
-                    wholes[i][start:end] = recv[offsets[src] : offsets[src] + end - start]
+                if src != self.rank and end > start:
+                    slots[i][start:end] = recv[offsets[src] : offsets[src] + end - start]
                     offsets[src] += end - start
-        return wholes, nbytes
+        return batches, pending.sent
 
-    def _compute(self, wholes: dict[int, torch.Tensor], specs) -> dict[int, torch.Tensor]:
-        """Same-shape, same-spec matrices go through one batched spectral_power call."""
-        groups: dict[tuple, list[int]] = {}
-        for i in wholes:
-            groups.setdefault((self.shapes[i], specs[i], wholes[i].dtype), []).append(i)
+    def _compute(self, batches: dict[tuple, tuple[list[int], torch.Tensor]], specs) -> dict[int, torch.Tensor]:
+        """``spectral_power`` of every owned matrix, same-shape ones batched within the
+        workspace budget; each group's inputs are freed once its results exist. Results are
+        (m, n) in the wire dtype."""
         results: dict[int, torch.Tensor] = {}
-        for (shape, spec, _), members in groups.items():
-            batch = torch.stack([wholes[i].view(shape) for i in members])
-            out = spectral_power(batch, spec.power, spec.method, spec.rtol)
-            for i, matrix in zip(members, out):
-                results[i] = matrix.reshape(-1)
+        for key in list(batches):
+            idx, batch = batches.pop(key)
+            (m, n), spec = key
+            per = max(1, int(self.workspace_bytes // max(method_workspace(spec.method, m, n), 1)))
+            for a in range(0, len(idx), per):
+                out = spectral_power(batch[a : a + per], spec.power, spec.method, spec.rtol)
+                for j, i in enumerate(idx[a : a + per]):
+                    results[i] = out[j]
+            del batch
         return results
 
-    def _start_scatter(self, bucket, results, pieces, out):
-        """Sends every other rank its range of each owned result; keeps this rank's own."""
+    def _own_pieces(self, bucket, results: dict[int, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        items = []
         for i in bucket:
-            if self.plan.owners[i] == self.rank:
-                start, end = self.layouts[i].ranges[self.rank]
-                out[i] = results[i][start:end].to(pieces[i].dtype)
+            start, end = self.layouts[i].ranges[self.rank]
+            if self.plan.owners[i] == self.rank and end > start:
+                items.append((i, results[i].reshape(-1)[start:end]))
+        return items
+
+    def _start_scatter(self, bucket, results: dict[int, torch.Tensor], wire: torch.dtype,
+                       device: torch.device) -> tuple[Optional[_Pending], int]:
+        """Packs every other rank's range of each owned result and starts the all_to_all."""
         if self.world_size == 1:
-            return (None, None, None, 0)
-        send_chunks: list[list[torch.Tensor]] = [[] for _ in range(self.world_size)]
+            return None, 0
+        send_splits = [0] * self.world_size
         recv_splits = [0] * self.world_size
         for i in bucket:
             owner = self.plan.owners[i]
             if owner == self.rank:
                 for dst in range(self.world_size):
-                    start, end = self.layouts[i].ranges[dst]
-                    if dst != self.rank and end > start:
-                        send_chunks[dst].append(results[i][start:end])
+                    if dst != self.rank:
+                        send_splits[dst] += self.layouts[i].size_on(dst)
             else:
                 recv_splits[owner] += self.layouts[i].size_on(self.rank)
-        work, recv, nbytes = self._exchange(send_chunks, recv_splits, pieces[bucket[0]])
-        return (work, recv, (bucket, recv_splits), nbytes)
-
-    def _finish_scatter(self, pending, pieces, out) -> None:
-        work, recv, meta, _ = pending
-        if work is None:
-            return
-        work.wait()
-        bucket, recv_splits = meta
-        offsets = [sum(recv_splits[:s]) for s in range(self.world_size)]
+        send = torch.empty(sum(send_splits), dtype=wire, device=device)
+        offsets = [sum(send_splits[:d]) for d in range(self.world_size)]
         for i in bucket:
-            owner = self.plan.owners[i]
-            if owner == self.rank:
+            if self.plan.owners[i] != self.rank:
                 continue
+            flat = results[i].reshape(-1)
+            for dst in range(self.world_size):
+                start, end = self.layouts[i].ranges[dst]
+                if dst != self.rank and end > start:
+                    send[offsets[dst] : offsets[dst] + end - start] = flat[start:end]
+                    offsets[dst] += end - start
+        pending = self._all_to_all(send, send_splits, recv_splits, bucket)
+        return pending, pending.sent
+
+    def _finish_scatter(self, pending: _Pending, update: MatrixUpdate) -> None:
+        pending.work.wait()
+        offsets = [sum(pending.splits[:s]) for s in range(self.world_size)]
+        items = []
+        for i in pending.bucket:
+            owner = self.plan.owners[i]
             size = self.layouts[i].size_on(self.rank)
-            piece = recv[offsets[owner] : offsets[owner] + size]
+            if owner == self.rank or size == 0:
+                continue
+            items.append((i, pending.recv[offsets[owner] : offsets[owner] + size]))
             offsets[owner] += size
-            out[i] = piece.to(pieces[i].dtype)
+        update.apply(items)
+
+    # -- memory contract --------------------------------------------------------------------
+
+    def memory_bound(self, rank: Optional[int] = None, wire_bytes: int = 4) -> int:
+        """Peak bytes of the step's temporaries on ``rank`` (default: this rank), from the plan.
+
+        With e = ``wire_bytes`` and, per bucket k on the rank: O_k owned elements (whole
+        matrices), G_k gather elements (sent + received), S_k scatter elements (sent +
+        received) and Wk the compute workspace of its largest batch:
+            peak = max over k of  e·G_{k+1} + max(2·e·O_k + W_k,  e·O_k + e·S_k)
+                              and e·S_k + e·O_{k+1} + e·G_{k+1}
+        (when the wire is narrower than float32, the float32 product adds 4·(m·n) per batch
+        to W_k). Parameters, gradients and optimizer state are not included.
+        """
+        r = self.rank if rank is None else rank
+        buckets = list(self.plan.buckets)
+        own, gat, sca, work = [], [], [], []
+        for bucket in buckets:
+            o = g = s = 0
+            w = 0.0
+            for i in bucket:
+                numel = self.layouts[i].numel
+                m, n = self.shapes[i]
+                if self.plan.owners[i] == r:
+                    o += numel
+                    g += sum(e - b for q, (b, e) in enumerate(self.sources[i]) if q != r)
+                    s += sum(self.layouts[i].size_on(q) for q in range(self.world_size) if q != r)
+                    extra = 4.0 * numel if wire_bytes < 4 else 0.0
+                    w = max(w, method_workspace(self.specs[i].method, m, n) + extra)
+                else:
+                    b, e = self.sources[i][r]
+                    g += e - b
+                    s += self.layouts[i].size_on(r)
+            own.append(o)
+            gat.append(g)
+            sca.append(s)
+            work.append(w)
+        peak = 0.0
+        for k in range(len(buckets)):
+            nxt_g = gat[k + 1] if k + 1 < len(buckets) else 0
+            nxt_o = own[k + 1] if k + 1 < len(buckets) else 0
+            e = wire_bytes
+            peak = max(peak,
+                       e * nxt_g + max(2 * e * own[k] + work[k], e * own[k] + e * sca[k]),
+                       e * sca[k] + e * nxt_o + e * nxt_g)
+        return int(peak)
+
+
+class _PiecesUpdate:
+    """A :class:`MatrixUpdate` over given pieces that records the results (for :meth:`run`)."""
+
+    def __init__(self, engine: ExchangeEngine, pieces: Sequence[Optional[torch.Tensor]]) -> None:
+        self.pieces = list(pieces)
+        self.out: list[Optional[torch.Tensor]] = [None] * len(self.pieces)
+        self._ranges = [l.ranges[engine.rank] for l in engine.layouts]
+        first = next((p for p in self.pieces if p is not None), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def dtype(self, i: int) -> torch.dtype:
+        return self.pieces[i].dtype  # type: ignore[union-attr]
+
+    def prepare(self, indices: Sequence[int]) -> None:
+        pass
+
+    def source_into(self, i: int, start: int, end: int, out: torch.Tensor) -> None:
+        base = self._ranges[i][0]
+        out.copy_(self.pieces[i][start - base : end - base])  # type: ignore[index]
+
+    def apply(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
+        for i, piece in items:
+            self.out[i] = piece.clone()

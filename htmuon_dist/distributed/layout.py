@@ -10,7 +10,7 @@ cover the matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 Range = tuple[int, int]
 
@@ -59,12 +59,16 @@ def _insert(covered: list[Range], piece: Range) -> None:
     covered.sort()
 
 
-def gather_sources(layout: ShardLayout, owner: int, name: str = "matrix") -> tuple[Range, ...]:
+def gather_sources(
+    layout: ShardLayout, owner: int, name: str = "matrix", domains: Optional[Sequence[int]] = None
+) -> tuple[Range, ...]:
     """Which range each rank sends so that ``owner`` can assemble the whole matrix.
 
     The owner uses its own piece; every other rank contributes the part of its piece that no
-    rank before it (owner first, then ascending rank) has contributed. Replicas therefore send
-    nothing, and a fully replicated matrix needs no gather at all.
+    rank before it has contributed, in the order: owner, the ranks of the owner's locality
+    domain (``domains[r]``, e.g. its HSDP replica group, usually its node), then the others,
+    each by ascending rank. Replicas therefore send nothing, a fully replicated matrix needs no
+    gather at all, and under HSDP nothing crosses domains that the owner's domain holds.
 
     Returns:
         per rank, the ``[start, end)`` range it sends to the owner (the owner's own entry is its
@@ -76,7 +80,11 @@ def gather_sources(layout: ShardLayout, owner: int, name: str = "matrix") -> tup
     world = len(layout.ranges)
     covered: list[Range] = []
     sources: list[Range] = [(0, 0)] * world
-    order = [owner] + [r for r in range(world) if r != owner]
+    home = domains[owner] if domains is not None else None
+    order = [owner] + sorted(
+        (r for r in range(world) if r != owner),
+        key=lambda r: (domains is not None and domains[r] != home, r),
+    )
     for rank in order:
         piece = layout.ranges[rank]
         if piece[1] <= piece[0]:

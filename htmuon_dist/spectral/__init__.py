@@ -18,7 +18,14 @@ from . import tracked_ns as _tracked_ns  # noqa: F401  (registers "tracked_ns")
 from . import fast as _fast  # noqa: F401  (registers "gram_rr", "auto")
 from .fast import auto_choice
 from .newton_schulz import newton_schulz5
-from .registry import SpectralMethod, available_methods, get_method, method_cost, register_method
+from .registry import (
+    SpectralMethod,
+    available_methods,
+    get_method,
+    method_cost,
+    method_workspace,
+    register_method,
+)
 
 __all__ = [
     "spectral_power",
@@ -27,6 +34,7 @@ __all__ = [
     "available_methods",
     "get_method",
     "method_cost",
+    "method_workspace",
     "register_method",
     "SpectralMethod",
     "validate_power",

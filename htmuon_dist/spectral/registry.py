@@ -10,7 +10,7 @@ name without importing each module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -33,6 +33,9 @@ class SpectralMethod:
             float64 SVD); False for approximations.
         powers: ``"any"`` for p in [0, 1], ``"zero"`` for methods that only orthogonalise (Muon).
         description: one line for error messages and docs.
+        workspace: bytes of temporary memory for one (m, n) matrix (m >= n) beyond its input
+            and its output; the exchange engine sizes its compute batches and its memory
+            contract with it. Default: :func:`default_workspace`.
     """
 
     name: str
@@ -41,6 +44,7 @@ class SpectralMethod:
     exact: bool
     powers: str
     description: str
+    workspace: Optional[CostFn] = None
 
 
 _METHODS: dict[str, SpectralMethod] = {}
@@ -76,3 +80,16 @@ def method_cost(name: str, m: int, n: int) -> float:
     """FLOP estimate of ``name`` on one (m, n) matrix, either orientation."""
     m, n = max(m, n), min(m, n)
     return get_method(name).cost(m, n)
+
+
+def default_workspace(m: int, n: int) -> float:
+    """A generous estimate for methods that do not state theirs: three float32 copies of the
+    matrix plus six float64 (n, n) matrices."""
+    return 12.0 * m * n + 48.0 * n * n
+
+
+def method_workspace(name: str, m: int, n: int) -> float:
+    """Temporary bytes of ``name`` on one (m, n) matrix, either orientation."""
+    m, n = max(m, n), min(m, n)
+    fn = get_method(name).workspace
+    return (fn or default_workspace)(m, n)

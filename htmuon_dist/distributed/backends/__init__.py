@@ -31,6 +31,7 @@ class ParamLayouts:
     placements: list[MatrixPlacement]
     group: Optional[dist.ProcessGroup]
     backend: str
+    domains: Optional[list[int]] = None
 
 
 def _default_group() -> Optional[dist.ProcessGroup]:
@@ -106,4 +107,8 @@ def describe_params(
     if chosen is None and (backends - {"replicated"}):
         raise ValueError("sharded parameters need a process group; pass process_group='auto'")
     backend = "+".join(sorted(backends)) if backends else "replicated"
-    return ParamLayouts(placements=placements, group=chosen, backend=backend)  # type: ignore[arg-type]
+    domains = next((fsdp2.domains(p) for p in params if fsdp2.is_dtensor(p)), None)
+    if chosen is not dist.group.WORLD:
+        domains = None  # HSDP domains are world ranks; other groups have their own numbering
+    return ParamLayouts(placements=placements, group=chosen, backend=backend,  # type: ignore[arg-type]
+                        domains=domains)

@@ -75,3 +75,18 @@ def _mesh_group(mesh, name: str) -> dist.ProcessGroup:
             f"the world"
         )
     return dist.group.WORLD
+
+
+def domains(p: torch.Tensor) -> "list[int] | None":
+    """Per world rank, its HSDP replica group (the mesh's first dimension), or None for a 1-D
+    mesh. A replica group holds every matrix whole, usually on one node, so owners gather
+    from their own replica group first and nothing crosses nodes that the owner's node holds."""
+    mesh = p.device_mesh
+    if mesh.ndim != 2 or mesh.size() != dist.get_world_size():
+        return None
+    layout = mesh.mesh.reshape(mesh.mesh.shape[0], -1).tolist()
+    out = [0] * dist.get_world_size()
+    for replica, ranks in enumerate(layout):
+        for rank in ranks:
+            out[int(rank)] = replica
+    return out

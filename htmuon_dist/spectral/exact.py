@@ -12,8 +12,14 @@ from .registry import SpectralMethod, register_method
 
 
 def _powered(sigma: torch.Tensor, exponent: float, rtol: float) -> torch.Tensor:
-    """``sigma ** exponent`` where ``sigma > rtol * max(sigma)``, else 0; sigma is (b, k) >= 0."""
-    cutoff = rtol * sigma.amax(dim=-1, keepdim=True)
+    """``sigma ** exponent`` above the cutoff, else 0; sigma is (b, k) >= 0.
+
+    ``rtol`` is a :class:`.cutoff.Cutoff` (the default rounding-noise rule, ``sigma <=
+    max(rel sigma_max, fro ||sigma||_2)`` is cut) or a plain float (``sigma <= rtol sigma_max``).
+    """
+    from .cutoff import threshold  # imported here to keep this edit inside _powered (merge)
+
+    cutoff = threshold(sigma, rtol)
     keep = sigma > cutoff  # strict: a zero matrix keeps nothing, so 0 ** negative never happens
     safe = torch.where(keep, sigma, torch.ones_like(sigma))
     return torch.where(keep, safe.pow(exponent), torch.zeros_like(sigma))

@@ -129,7 +129,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         zero3_aware=strategy == "deepspeed")
     if t.param_dtype == "bf16":  # the reference's pure-bf16 run: weights, grads, optimizer states
         if strategy == "deepspeed":
-            raise ConfigError("--param_dtype bf16 with DeepSpeed: leave it fp32 and enable bf16 in the DeepSpeed config")
+            raise ConfigError("--param_dtype bf16 is not supported with DeepSpeed: pass --param_dtype fp32 (c4_reference.yaml sets bf16) and enable bf16 in the DeepSpeed config")
         for p in model.parameters():  # before wrapping/materialising: shards and init follow;
             p.data = p.data.to(torch.bfloat16)  # buffers (rotary tables) stay fp32
     routed = matrix_names(model, t.param_convention) if t.optimizer != "adamw" else matrix_names(model, "reference")

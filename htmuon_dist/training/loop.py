@@ -277,6 +277,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "params": n_params, "optimizer": t.optimizer, "strategy": strategy, "world_size": world,
         "param_tensors": param_kinds["tensors"], "dtensor_params": param_kinds["dtensors"],
         "optimizer_class": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+        "param_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()}),
     }
     if eval_loss is not None:
         summary.update(eval_loss=eval_loss, eval_ppl=math.exp(eval_loss))

@@ -95,3 +95,29 @@ def test_variant_optimizers_build_and_step(name: str) -> None:
     before = layer.weight.detach().clone()
     opt.step()
     assert torch.isfinite(layer.weight).all() and not torch.equal(before, layer.weight)
+
+
+def test_pure_bf16_parameters_train(cache_dir, tmp_path) -> None:
+    """--param_dtype bf16 (c4_reference.yaml's setting): the parameters are bf16 and the loss is
+    finite over a few steps, with the reference's clipping off and AdamW-group weight decay."""
+    import json
+
+    from conftest import TINY, launch
+
+    out = tmp_path / "bf16"
+    launch(cache_dir, None, [*TINY, "--max_steps", "3", "--param_dtype", "bf16", "--grad_clip", "0",
+                             "--adamw_weight_decay", "0.1", "--output_dir", str(out), "--export_model", "false",
+                             "--save_steps", "0"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["param_dtypes"] == ["bfloat16"] and summary["step"] == 3
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_c4_reference_yaml_has_the_reference_settings() -> None:
+    cfg, accum = resolve(parse_args(["--config", "configs/train/c4_reference.yaml", "--model", "135m"]), world_size=4)
+    t = cfg.train
+    assert (t.weight_decay, t.adamw_weight_decay, t.grad_clip, t.param_dtype) == (0.1, 0.1, 0.0, "bf16")
+    assert (t.total_batch_size, cfg.data.seq_len, cfg.data.packing, t.min_lr_ratio) == (512, 256, False, 0.1)
+    assert (t.lr, t.max_steps, t.warmup_steps, t.power) == (0.03, 20_000, 2_000, 0.125) and accum == 2
+    assert htmuon_kwargs(t)["adamw_weight_decay"] == 0.1

@@ -29,6 +29,7 @@ def stream_power(
     power: float,
     rtol: Optional[float] = None,
     basis: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One warm-started step: ``≈ U Σ^p V^T`` of ``x``, the new basis and an error estimate.
 
@@ -40,6 +41,8 @@ def stream_power(
         basis: (k, k) float32 with k = min(m, n), orthonormal columns: the previous step's
             basis of the smaller side (``x``'s right side when m >= n, left side otherwise), or
             None for a cold start (the identity).
+        eps: machine epsilon of the data for the default cutoff (default ``finfo(x.dtype).eps``;
+            2**-7 for an fp32 copy of bf16 momentum).
 
     Returns:
         (y, new_basis, err): y (m, n) float32; new_basis (k, k) float32 to pass next step;
@@ -51,7 +54,7 @@ def stream_power(
     if not 0.0 <= float(power) <= 1.0:
         raise ValueError(f"power must be in [0, 1], got {power!r}")
     if rtol is None:
-        rtol = noise_cutoff(x.shape, torch.finfo(x.dtype).eps)
+        rtol = noise_cutoff(x.shape, torch.finfo(x.dtype).eps if eps is None else float(eps))
     elif not isinstance(rtol, Cutoff):
         rtol = Cutoff(float(rtol))
     wide = x.size(0) < x.size(1)

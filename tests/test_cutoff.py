@@ -112,8 +112,7 @@ def test_bf16_drops_rounding_made_null_directions(method: str, kind: str) -> Non
         assert worst_new <= 1.0, (method, kind, (m, n), worst_new)
         none = spectral_power(x.float(), P, method=method, rtol=0.0)
         worst_none = max(worst_none, _ratio(none, r, p))
-    if method not in ("tracked_ns", "auto_tracked"):  # tracked_ns has its own floor (MIN_ELL)
-        assert worst_none > 1.0, (method, kind, worst_none)
+    assert worst_none > 1.0, (method, kind, worst_none)  # without a cutoff the noise gets weight
 
 
 def test_layernorm_gradient_update_stays_orthogonal_to_ones() -> None:

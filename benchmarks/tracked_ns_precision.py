@@ -61,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             mat = make_matrix(kind, m, n, 1.0, seed=args.seed)
             r, p = reference(mat, args.power)
             x = (mat.mT if wide else mat).unsqueeze(0)
-            y = tracked_ns_power(x, args.power, default_rtol(mat.dtype), mm=mm)[0]
+            y = tracked_ns_power(x, args.power, default_rtol(mat.dtype, mat.shape), mm=mm)[0]
             ratios.append(rel_err(y.mT if wide else y, r) / bar(r, p))
         print(f"{label:<22}" + "".join(f"{v:>12.3f}" for v in ratios) + f"{max(ratios):>9.3f}", flush=True)
 

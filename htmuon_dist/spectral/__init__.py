@@ -8,7 +8,7 @@ the rank cutoff, then calls the method on a ``(b, m, n)``, ``m >= n`` batch.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,11 +16,15 @@ from . import exact as _exact  # noqa: F401  (registers "svd", "eigh")
 from . import newton_schulz as _newton_schulz  # noqa: F401  (registers "ns5")
 from . import tracked_ns as _tracked_ns  # noqa: F401  (registers "tracked_ns")
 from . import fast as _fast  # noqa: F401  (registers "gram_rr", "auto")
+from . import ns_roots as _ns_roots  # noqa: F401  (registers "ns_roots")
+from . import ht as _ht  # noqa: F401  (registers "ht")
+from .cutoff import Cutoff, noise_cutoff
 from .fast import auto_choice
 from .newton_schulz import newton_schulz5
 from .registry import (
     SpectralMethod,
     available_methods,
+    check_power,
     get_method,
     method_cost,
     method_workspace,
@@ -31,30 +35,45 @@ __all__ = [
     "spectral_power",
     "newton_schulz5",
     "default_rtol",
+    "Cutoff",
     "available_methods",
     "get_method",
     "method_cost",
     "method_workspace",
     "register_method",
+    "check_power",
     "SpectralMethod",
     "validate_power",
     "auto_choice",
 ]
 
-# Rounding a matrix to a dtype perturbs its singular values by up to about eps * sigma_max
-# (measured here: 0.07-0.7 eps for rank-deficient fp32/bf16 products and LayerNorm-style
-# gradients; tests/test_spectral.py checks such matrices against the cutoff),
-# so directions below a few eps are indistinguishable from rounding noise; with p > 0 they would
-# still get weight (eps)^p, e.g. 0.13 at fp32 and 0.55 at bf16.
-RTOL_EPS_MULTIPLE = 4.0
+# The default cutoff follows the input's rounding noise (derivation in .cutoff and
+# docs/spectral.md): singular values <= max(FLOOR sigma_max,
+# NOISE_MULTIPLE eps ||M||_F (sqrt(m) + sqrt(n)) / sqrt(mn)) map to zero. With p > 0 a kept noise
+# direction would get weight (noise)^p, e.g. 0.4 at bf16, so the cut matters; a fixed multiple of
+# eps sigma_max (the former 4 eps) removed half of the real directions of bf16 momentum.
 
 
-def default_rtol(dtype: torch.dtype) -> float:
-    """Relative singular-value cutoff for inputs of ``dtype``: ``4 * finfo(dtype).eps``.
+def default_rtol(dtype: torch.dtype, shape: Sequence[int], eps: Optional[float] = None) -> Cutoff:
+    """Default rank cutoff of an (..., m, n) matrix ``shape`` whose data had dtype ``dtype``.
 
-    float32: 4.8e-7, bfloat16: 3.1e-2, float16: 3.9e-3, float64: 8.9e-16.
+    Args:
+        dtype: the dtype the values were rounded to (sets eps unless ``eps`` is given).
+        shape: the matrix shape; only the last two sizes matter.
+        eps: machine epsilon of the data, default ``torch.finfo(dtype).eps``.
+
+    Returns:
+        A :class:`Cutoff` (a float equal to its ``sigma_max``-relative floor, 1.2e-7, with a
+        Frobenius-relative part ``fro``): for bf16 (m = n = 1024) ``fro`` = 4.9e-4, i.e. at most
+        0.016 sigma_max (flat spectrum) and typically ~1e-3 sigma_max.
     """
-    return RTOL_EPS_MULTIPLE * torch.finfo(dtype).eps
+    if eps is None:
+        eps = torch.finfo(dtype).eps
+    if not (math.isfinite(eps) and 0.0 <= eps < 1.0):
+        raise ValueError(f"eps must be a machine epsilon in [0, 1) (bf16: 7.8e-3), got {eps!r}")
+    if len(shape) < 2:
+        raise ValueError(f"shape must be (..., m, n), got {tuple(shape)}")
+    return noise_cutoff(shape, eps)
 
 
 def validate_power(power: float, name: str = "power") -> float:
@@ -76,6 +95,7 @@ def spectral_power(
     power: float,
     method: str = "eigh",
     rtol: Optional[float] = None,
+    eps: Optional[float] = None,
 ) -> torch.Tensor:
     """``U Σ^p V^T`` for ``M = U Σ V^T``.
 
@@ -83,8 +103,11 @@ def spectral_power(
         M: (m, n) or (b, m, n), floating point, any device.
         power: p in [0, 1]. 0 gives the polar factor ``U V^T`` (Muon); 1 gives ``M``.
         method: a registered method name, see :func:`available_methods` ("svd", "eigh", "ns5"...).
-        rtol: singular values ``<= rtol * sigma_max`` (per matrix) count as zero and map to
-            zero. Default :func:`default_rtol` of ``M.dtype``.
+        rtol: explicit cutoff: singular values ``<= rtol * sigma_max`` (per matrix) count as
+            zero and map to zero. Default: the rounding-noise rule of :func:`default_rtol`.
+        eps: machine epsilon of the data ``M`` came from, for the default rule (ignored when
+            ``rtol`` is given). Default ``torch.finfo(M.dtype).eps``; pass bf16's 2**-7 when ``M``
+            is an fp32 copy of bf16 values (e.g. momentum that travelled in bf16).
 
     Returns:
         Tensor of M's shape and dtype. A zero matrix gives zeros. Non-finite input gives
@@ -97,22 +120,22 @@ def spectral_power(
         raise ValueError(f"M must be (m, n) or (b, m, n), got shape {tuple(M.shape)}")
     power = validate_power(power)
     spec = get_method(method)
-    if spec.powers == "zero" and power != 0.0:
-        raise ValueError(
-            f"method {method!r} only orthogonalises (power 0), got power={power}; "
-            f"use an HTMuon method such as 'eigh' or 'svd' for power > 0"
-        )
+    check_power(method, power)
     if rtol is None:
-        rtol = default_rtol(M.dtype)
-    elif not (math.isfinite(rtol) and 0.0 <= rtol < 1.0):
-        raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
+        cutoff = default_rtol(M.dtype, M.shape, eps)
+    elif isinstance(rtol, Cutoff):
+        cutoff = rtol
+    else:
+        if not (math.isfinite(rtol) and 0.0 <= rtol < 1.0):
+            raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
+        cutoff = Cutoff(float(rtol))
 
     batched = M.unsqueeze(0) if M.ndim == 2 else M
     if 0 in batched.shape:
         return torch.zeros_like(M)
     wide = batched.size(-2) < batched.size(-1)
     x = batched.mT if wide else batched  # methods see m >= n
-    y = spec.fn(x, power, float(rtol))
+    y = spec.fn(x, power, cutoff)
     y = y.mT if wide else y
     y = y.to(M.dtype)
     return y[0] if M.ndim == 2 else y

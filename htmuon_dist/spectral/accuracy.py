@@ -2,7 +2,7 @@
 
 Bar: ``||Y - R|| / ||R|| <= 0.25 * min_c ||c P - R|| / ||R||`` with ``R = U Σ^p V^T`` and
 ``P = U V^T`` from a float64 SVD of exactly the tensor a method sees, with the same rank cutoff
-(``rtol = default_rtol(dtype)``) applied to both: an approximation must be four times closer to
+(``default_rtol(dtype, shape)``, the rounding-noise rule) applied to both: an approximation must be four times closer to
 HTMuon than the best rescaled Muon update is.
 """
 
@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import default_rtol
+from .cutoff import threshold
 
 SPECTRA = ("gaussian", "inv_i", "spike_bulk", "logspace", "rank_fp32", "rank_bf16")
 
@@ -57,9 +58,11 @@ def make_matrix(kind: str, m: int, n: int, scale: float, seed: int) -> torch.Ten
 def reference(
     mat: torch.Tensor, power: float, rtol: Optional[float] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, P) in float64 from the SVD of ``mat`` (m, n), with the dtype's rank cutoff."""
+    """(R, P) in float64 from the SVD of ``mat`` (m, n), with the dtype's rank cutoff
+    (``rtol``: a float relative to sigma_max, or a :class:`.cutoff.Cutoff`)."""
     u, s, vh = torch.linalg.svd(mat.double(), full_matrices=False)
-    keep = s > (default_rtol(mat.dtype) if rtol is None else rtol) * s.max()
+    cut = default_rtol(mat.dtype, mat.shape) if rtol is None else rtol
+    keep = s > threshold(s, cut)
     safe = torch.where(keep, s, torch.ones_like(s))
     sp = torch.where(keep, safe.pow(power), torch.zeros_like(s))
     return (u * sp) @ vh, (u * keep.double()) @ vh

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from .cutoff import threshold
 from .registry import SpectralMethod, register_method
 
 
 def _powered(sigma: torch.Tensor, exponent: float, rtol: float) -> torch.Tensor:
-    """``sigma ** exponent`` where ``sigma > rtol * max(sigma)``, else 0; sigma is (b, k) >= 0."""
-    cutoff = rtol * sigma.amax(dim=-1, keepdim=True)
+    """``sigma ** exponent`` above the cutoff, else 0; sigma is (b, k) >= 0.
+
+    ``rtol`` is a :class:`.cutoff.Cutoff` (the default rounding-noise rule, ``sigma <=
+    max(rel sigma_max, fro ||sigma||_2)`` is cut) or a plain float (``sigma <= rtol sigma_max``).
+    """
+    cutoff = threshold(sigma, rtol)
     keep = sigma > cutoff  # strict: a zero matrix keeps nothing, so 0 ** negative never happens
     safe = torch.where(keep, sigma, torch.ones_like(sigma))
     return torch.where(keep, safe.pow(exponent), torch.zeros_like(sigma))

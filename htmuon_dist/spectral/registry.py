@@ -9,6 +9,7 @@ name without importing each module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,11 +32,15 @@ class SpectralMethod:
         cost: FLOP estimate for one (m, n) matrix with m >= n; the planner balances owners on it.
         exact: True when the result meets the exact bound of REFERENCE.md (1e-4 relative to a
             float64 SVD); False for approximations.
-        powers: ``"any"`` for p in [0, 1], ``"zero"`` for methods that only orthogonalise (Muon).
+        powers: ``"any"`` for p in [0, 1], ``"zero"`` for methods that only orthogonalise (Muon),
+            ``"pow2"`` for p in {0} U {2^-k, k >= 0} (repeated square roots).
         description: one line for error messages and docs.
         workspace: bytes of temporary memory for one (m, n) matrix (m >= n) beyond its input
             and its output; the exchange engine sizes its compute batches and its memory
             contract with it. Default: :func:`default_workspace`.
+        target: ``"sigma_power"`` when the method computes (or approximates) ``U Σ^p V^T``;
+            ``"rank_power"`` for the reference's prescribed spectrum ``U diag(i^-p) V^T``, a
+            different update that the HTMuon accuracy bar does not apply to.
     """
 
     name: str
@@ -45,6 +50,7 @@ class SpectralMethod:
     powers: str
     description: str
     workspace: Optional[CostFn] = None
+    target: str = "sigma_power"
 
 
 _METHODS: dict[str, SpectralMethod] = {}
@@ -54,8 +60,10 @@ def register_method(method: SpectralMethod) -> SpectralMethod:
     """Adds ``method`` to the table; a name may be registered once."""
     if method.name in _METHODS:
         raise ValueError(f"spectral method {method.name!r} is already registered")
-    if method.powers not in ("any", "zero"):
-        raise ValueError(f"powers must be 'any' or 'zero', got {method.powers!r}")
+    if method.powers not in ("any", "zero", "pow2"):
+        raise ValueError(f"powers must be 'any', 'zero' or 'pow2', got {method.powers!r}")
+    if method.target not in ("sigma_power", "rank_power"):
+        raise ValueError(f"target must be 'sigma_power' or 'rank_power', got {method.target!r}")
     _METHODS[method.name] = method
     return method
 
@@ -93,3 +101,27 @@ def method_workspace(name: str, m: int, n: int) -> float:
     m, n = max(m, n), min(m, n)
     fn = get_method(name).workspace
     return (fn or default_workspace)(m, n)
+def is_power_of_two_root(power: float) -> bool:
+    """True for p = 0 and p = 2^-k (k = 0, 1, 2, ...): what ``powers="pow2"`` methods compute."""
+    if power == 0.0:
+        return True
+    if not 0.0 < power <= 1.0:
+        return False
+    k = -math.log2(power)
+    return abs(k - round(k)) < 1e-12 and round(k) <= 52
+
+
+def check_power(name: str, power: float) -> None:
+    """Raises ValueError when method ``name`` cannot compute ``power`` (call at construction)."""
+    spec = get_method(name)
+    if spec.powers == "zero" and power != 0.0:
+        raise ValueError(
+            f"method {name!r} only orthogonalises (power 0), got power={power}; "
+            f"use an HTMuon method such as 'eigh' or 'svd' for power > 0"
+        )
+    if spec.powers == "pow2" and not is_power_of_two_root(power):
+        raise ValueError(
+            f"method {name!r} computes only powers 0 and 2^-k (1, 0.5, 0.25, 0.125, ...) by "
+            f"repeated square roots, got power={power}; it is never rounded to the nearest one: "
+            f"pass such a power or use 'eigh' for any power"
+        )

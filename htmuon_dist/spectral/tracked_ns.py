@@ -90,6 +90,24 @@ def cut_factor(ell: float) -> float:
     return 8.0 if ell >= COARSE_ELL else 64.0
 
 
+# Under the default rounding-noise cutoff (a Cutoff with fro > 0, see .cutoff) the cut
+# tau = fro ||M||_F depends on the matrix, the schedule (ell) may not (it is built on the host).
+# So the normaliser becomes max(c, NOISE_LIFT tau / ell): every direction above
+# max(NOISE_LIFT tau, ell c) is lifted (kept to the schedule's bound), every one below
+# max(NOISE_LIFT tau, ell c) / NOISE_CUT >= tau / 2 is zeroed (rounding noise measured
+# <= 0.37 tau), and the band in between is attenuated smoothly (tracked_ns's cutoff is soft).
+NOISE_LIFT = 4.0
+NOISE_CUT = 8.0
+
+
+def noise_ell(fro: float) -> float:
+    """Normalised lift threshold (relative to ||M||_F) for a noise cutoff ``fro``; 2 digits,
+    rounded down so that no direction above the rule is left unlifted, in [MIN_ELL, 0.1]."""
+    ell = min(max(MIN_ELL, NOISE_LIFT * fro), 0.1)
+    digits = 10 ** math.floor(math.log10(ell) - 1)
+    return float(f"{math.floor(ell / digits) * digits:.2g}")
+
+
 def _poly(coeffs: tuple[float, ...] | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(y)
     for cj in reversed(list(coeffs)):
@@ -171,10 +189,12 @@ def _evaluate(sched_parts: tuple, power: float, steps: int, s0: torch.Tensor) ->
 
 
 @lru_cache(maxsize=64)
-def schedule(power: float, ell: float) -> Schedule:
+def schedule(power: float, ell: float, cut: float | None = None) -> Schedule:
     """The iteration for ``power`` that lifts every normalised singular value >= ``ell``.
 
-    Host-side float64 work (a few ms), cached per (power, ell)."""
+    Directions below ``ell / cut`` are zeroed (default ``cut_factor(ell)``).
+    Host-side float64 work (a few ms), cached per (power, ell, cut)."""
+    cut_f = cut_factor(ell) if cut is None else float(cut)
     if not (0.0 <= power <= 1.0):
         raise ValueError(f"power must be in [0, 1], got {power}")
     if not (0.0 < ell < BAND[0]):
@@ -196,7 +216,7 @@ def schedule(power: float, ell: float) -> Schedule:
     band = _cheb(BAND[0] ** 2, BAND[1] ** 2, 300)
     target = band ** ((power - 1.0) / 2.0)
     weight = 1.0 / target
-    sj_cut = _trajectory(torch.tensor([ell / cut_factor(ell)], dtype=torch.float64), steps)[-1].item()
+    sj_cut = _trajectory(torch.tensor([ell / cut_f], dtype=torch.float64), steps)[-1].item()
     cut = torch.linspace(0.0, sj_cut**2, 80, dtype=torch.float64)
     ys = torch.cat([band, cut])
     target = torch.cat([target, torch.zeros_like(cut)])
@@ -208,7 +228,7 @@ def schedule(power: float, ell: float) -> Schedule:
     f = tuple(coef.tolist())
     fs = _evaluate((g_first, g_rest, f), power, steps, grid)
     bound = (fs / grid**power - 1.0).abs().max().item()
-    low = torch.linspace(0.0, ell / cut_factor(ell), 400, dtype=torch.float64)
+    low = torch.linspace(0.0, ell / cut_f, 400, dtype=torch.float64)
     tail = (_evaluate((g_first, g_rest, f), power, steps, low).abs().max() / ell**power).item()
     return Schedule(power, ell, steps, g_first, g_rest, f, bound, tail)
 
@@ -259,7 +279,11 @@ def tracked_ns_power(x: torch.Tensor, power: float, rtol: float, mm: Matmul = to
         return x.to(torch.float32)
     xf = x.to(torch.float32)
     n = xf.size(-1)
-    sched = schedule(float(power), effective_ell(rtol, n))
+    noise_rule = getattr(rtol, "fro", 0.0) > 0.0
+    if noise_rule:
+        sched = schedule(float(power), noise_ell(rtol.fro), NOISE_CUT)
+    else:
+        sched = schedule(float(power), effective_ell(float(rtol), n))
     # scale by the max-abs entry first so that G and G^2 neither overflow nor underflow
     amax = xf.abs().amax(dim=(-2, -1), keepdim=True)
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
@@ -268,6 +292,12 @@ def tracked_ns_power(x: torch.Tensor, power: float, rtol: float, mm: Matmul = to
     gram = mm(xf.mT, xf)
     gram2 = mm(gram, gram)
     c2 = torch.linalg.matrix_norm(gram2).sqrt()[..., None, None]  # >= sigma_max^2
+    if noise_rule:
+        # normaliser N = max(c, NOISE_LIFT tau / ell), tau = fro ||M||_F: where the lift reaches
+        # below NOISE_LIFT tau from c, c stays (the former behaviour, cut at ell c / 8 > noise);
+        # otherwise N puts NOISE_LIFT tau exactly at ell. N >= c >= sigma_max either way.
+        lift = NOISE_LIFT * rtol.fro / sched.ell
+        c2 = torch.maximum(c2, (lift * lift) * xf.square().sum(dim=(-2, -1), keepdim=True))
     c2 = torch.where(c2 > 0, c2, torch.ones_like(c2))
     xk = xf / c2.sqrt()
     powers = [gram / c2, gram2 / (c2 * c2)]

@@ -22,8 +22,17 @@ from typing import Any, Optional, Sequence
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-OPTIMIZERS = ("htmuon", "htmuon_interval", "muon", "adamw")
+OPTIMIZERS = (
+    "htmuon", "htmuon_interval", "htmuon_ns", "htmuon_ht", "muon", "normuon", "htnormuon",
+    "htnormuon_interval", "adamw",
+)
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+PARAM_DTYPES = ("fp32", "bf16")
 STRATEGIES = ("auto", "fsdp2", "fsdp1", "ddp", "deepspeed", "none")
+
+
+# optimizers whose spectral method is part of their name
+FIXED_METHODS = {"htmuon_ns": "ns_roots", "htmuon_ht": "ht"}
 
 
 class ConfigError(ValueError):
@@ -42,7 +51,7 @@ class ModelArguments:
         default=None, metadata={"help": 'JSON object merged into the model config, e.g. \'{"num_hidden_layers": 2}\''}
     )
     activation_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute each decoder layer in backward (less memory, ~30% more compute)"}
+        default=False, metadata={"help": "recompute each decoder layer in backward (less memory, about 30 percent more compute)"}
     )
 
 
@@ -81,17 +90,27 @@ class TrainArguments:
     """Optimisation, schedule, parallelism, logging and checkpoints."""
 
     output_dir: str = field(default="outputs/run", metadata={"help": "metrics, checkpoints, plot and the exported model"})
-    optimizer: str = field(default="htmuon", metadata={"help": "htmuon | htmuon_interval | muon | adamw"})
+    optimizer: str = field(
+        default="htmuon",
+        metadata={"help": "htmuon (exact U S^p V^T) | htmuon_interval (exact every k-th step, NS5 between) | htmuon_ns (the reference's NS polar x NS roots; p = 2^-k) | htmuon_ht (prescribed spectrum U diag(i^-p) V^T) | muon | normuon (Muon + NorMuon row normalisation) | htnormuon (HTMuon + NorMuon) | htnormuon_interval | adamw"},
+    )
     lr: Optional[float] = field(default=None, metadata={"help": "lr of the matrix optimizer (adamw: of everything); default from the reference table"})
     adamw_lr: Optional[float] = field(default=None, metadata={"help": "lr of the AdamW part of htmuon/muon (norm gains...); default: the size's AdamW lr"})
     power: Optional[float] = field(default=None, metadata={"help": "HTMuon p (default 0.125; muon forces 0)"})
-    spectral_method: Optional[str] = field(default=None, metadata={"help": "eigh (exact, default for htmuon) | svd | ns5 (muon)"})
+    spectral_method: Optional[str] = field(default=None, metadata={"help": "eigh (exact, default for htmuon) | svd | tracked_ns | gram_rr | auto | ns5 (muon); see htmuon_dist.available_methods()"})
     interval: Optional[int] = field(default=None, metadata={"help": "htmuon_interval: exact step every k-th step (default 5)"})
     param_convention: str = field(
         default="reference", metadata={"help": "reference (every >=2-D weight incl. embedding/head to HTMuon) | muon (embedding/head to AdamW)"}
     )
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay of the matrices (AdamW: of >=2-D weights)"})
     momentum: float = field(default=0.95, metadata={"help": "HTMuon/Muon momentum"})
+    normuon_beta2: float = field(default=0.95, metadata={"help": "normuon/htnormuon: EMA factor of the per-row second moment"})
+    adjust_lr_fn: Optional[str] = field(
+        default=None,
+        metadata={"help": "lr scale of the matrix updates, torch.optim.Muon's meaning: unset = this library's max(1, m/n)^0.5 | original (the same) | match_rms_adamw (0.2 sqrt(max(m, n)): an AdamW lr carries over; the default lr becomes the size's AdamW lr)"},
+    )
+    adamw_weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay of the AdamW part of htmuon/muon (norm gains...); the reference: 0.1"})
+    param_dtype: str = field(default="fp32", metadata={"help": "fp32 (fp32 master weights; bf16 compute via --mixed_precision) | bf16 (pure bf16 parameters, optimizer states and gradients, as the reference)"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps (exactly); default from the reference table"})
     warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear warmup steps; default max_steps/10"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak lr"})
@@ -240,19 +259,40 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
         t.max_steps = int(row["max_steps"])
     if t.warmup_steps is None:
         t.warmup_steps = int(row["warmup_steps"]) if t.max_steps == row["max_steps"] else max(1, t.max_steps // 10)
+    if t.adjust_lr_fn is not None and t.adjust_lr_fn not in ADJUST_LR_FNS:
+        _unknown(t.adjust_lr_fn, ADJUST_LR_FNS, "--adjust_lr_fn")
+    if t.param_dtype not in PARAM_DTYPES:
+        _unknown(t.param_dtype, PARAM_DTYPES, "--param_dtype")
     if t.lr is None:
-        t.lr = float({"adamw": row["adamw"], "muon": row["muon"]}.get(t.optimizer, row["htmuon"]))
+        if t.adjust_lr_fn == "match_rms_adamw":
+            t.lr = float(row["adamw"])
+        else:
+            t.lr = float({"adamw": row["adamw"], "muon": row["muon"], "normuon": row["muon"]}.get(t.optimizer, row["htmuon"]))
     if t.adamw_lr is None:
         t.adamw_lr = float(row["adamw"])
-    if t.optimizer == "muon":
+    if t.optimizer in ("muon", "normuon"):
         if t.power not in (None, 0, 0.0):
-            raise ConfigError(f"--optimizer muon is HTMuon with power 0; got --power {t.power} (use --optimizer htmuon)")
+            raise ConfigError(f"--optimizer {t.optimizer} is HTMuon with power 0; got --power {t.power} (use --optimizer {'ht' + t.optimizer})")
         t.power, t.spectral_method = 0.0, t.spectral_method or "ns5"
-    elif t.optimizer in ("htmuon", "htmuon_interval"):
+    elif t.optimizer in FIXED_METHODS:
+        fixed = FIXED_METHODS[t.optimizer]
+        if t.spectral_method not in (None, fixed):
+            raise ConfigError(f"--optimizer {t.optimizer} uses spectral method {fixed!r}; got --spectral_method {t.spectral_method} (drop it or use --optimizer htmuon)")
+        t.power = 0.125 if t.power is None else float(t.power)
+        t.spectral_method = fixed
+    elif t.optimizer in ("htmuon", "htmuon_interval", "htnormuon", "htnormuon_interval"):
         t.power = 0.125 if t.power is None else float(t.power)
         t.spectral_method = t.spectral_method or "eigh"
-        if t.optimizer == "htmuon_interval":
+        if t.optimizer.endswith("_interval"):
             t.interval = t.interval or 5
+    if t.optimizer != "adamw":
+        from htmuon_dist.spectral import check_power, validate_power
+
+        try:
+            validate_power(t.power, "--power")
+            check_power(t.spectral_method, t.power)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if t.max_steps < 1:
         raise ConfigError(f"--max_steps must be >= 1, got {t.max_steps}")
     if not 0 <= t.warmup_steps <= t.max_steps:

@@ -127,6 +127,11 @@ def run(cfg: Config) -> dict[str, Any]:
     act_ckpt = m.activation_checkpointing or os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
     model = build_model(model_cfg, on_meta=on_meta, activation_checkpointing=act_ckpt,
                         zero3_aware=strategy == "deepspeed")
+    if t.param_dtype == "bf16":  # the reference's pure-bf16 run: weights, grads, optimizer states
+        if strategy == "deepspeed":
+            raise ConfigError("--param_dtype bf16 is not supported with DeepSpeed: pass --param_dtype fp32 (c4_reference.yaml sets bf16) and enable bf16 in the DeepSpeed config")
+        for p in model.parameters():  # before wrapping/materialising: shards and init follow;
+            p.data = p.data.to(torch.bfloat16)  # buffers (rotary tables) stay fp32
     routed = matrix_names(model, t.param_convention) if t.optimizer != "adamw" else matrix_names(model, "reference")
     std = model_cfg.initializer_range
     if strategy == "deepspeed":
@@ -272,6 +277,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "params": n_params, "optimizer": t.optimizer, "strategy": strategy, "world_size": world,
         "param_tensors": param_kinds["tensors"], "dtensor_params": param_kinds["dtensors"],
         "optimizer_class": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+        "param_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()}),
     }
     if eval_loss is not None:
         summary.update(eval_loss=eval_loss, eval_ppl=math.exp(eval_loss))

@@ -15,22 +15,28 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .config import REPO_ROOT, ConfigError, ModelArguments
+from .config import ConfigError, ModelArguments
 
 # Keys a LlamaConfig JSON may carry besides LlamaConfig's own (comments, older spellings).
 _EXTRA_KEYS = {"_comment", "rope_theta", "rope_scaling", "torch_dtype", "use_cache", "transformers_version"}
 
 
+# Shipped as package data (pyproject.toml), so a wheel install finds them; the repository's
+# configs/model is a link to this folder.
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
 def model_config_path(name: str) -> Path:
-    """``tiny`` -> ``configs/model/tiny.json``; a path is returned as is."""
+    """``tiny`` -> ``htmuon_dist/configs/model/tiny.json`` (= ``configs/model/tiny.json`` in a
+    clone); a path is returned as is."""
     path = Path(name)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise ConfigError(f"--model {name}: no such file")
         return path
-    candidate = REPO_ROOT / "configs" / "model" / f"{name.lower()}.json"
+    candidate = MODEL_CONFIG_DIR / f"{name.lower()}.json"
     if not candidate.is_file():
-        names = sorted(p.stem for p in (REPO_ROOT / "configs" / "model").glob("*.json"))
+        names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
         raise ConfigError(f"--model {name!r}: not one of {names} and not a JSON file")
     return candidate
 

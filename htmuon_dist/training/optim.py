@@ -28,8 +28,10 @@ def matrix_names(model: nn.Module, convention: str) -> set[str]:
 
 
 def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str]) -> torch.optim.Optimizer:
-    """``htmuon``/``htmuon_interval``/``muon``: :class:`htmuon_dist.HTMuon` on ``matrices`` and its
-    AdamW (betas 0.9/0.95, eps 1e-10 as the reference, no weight decay) on the rest.
+    """The HTMuon family (htmuon, htmuon_interval, htmuon_ns, htmuon_ht, muon, normuon,
+    htnormuon, htnormuon_interval): :class:`htmuon_dist.HTMuon` on ``matrices`` (kwargs from
+    :func:`htmuon_kwargs`) and its AdamW (betas 0.9/0.95, eps 1e-10 as the reference, weight
+    decay ``--adamw_weight_decay``) on the rest.
     ``adamw``: torch AdamW, betas 0.9/0.95, weight decay on the same matrices only.
     """
     named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
@@ -49,11 +51,43 @@ def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str]) -> 
     groups = [{"params": [p for _, p in mat], "param_names": [n for n, _ in mat], "htmuon": True}]
     if rest:
         groups.append({"params": [p for _, p in rest], "param_names": [n for n, _ in rest], "htmuon": False})
-    return HTMuon(
-        groups, lr=t.lr, power=t.power, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay,
-        method=t.spectral_method, interval=t.interval if t.optimizer == "htmuon_interval" else None,
-        adamw_lr=t.adamw_lr, adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_weight_decay=0.0,
+    return HTMuon(groups, **htmuon_kwargs(t))
+
+
+# --optimizer -> (NorMuon row normalisation on?, interval steps on?); the spectral method and
+# power come from resolve() (htmuon_ns -> ns_roots, htmuon_ht -> ht, muon/normuon -> p 0, ns5).
+_HTMUON_FAMILY = {
+    "htmuon": (False, False),
+    "htmuon_interval": (False, True),
+    "htmuon_ns": (False, False),
+    "htmuon_ht": (False, False),
+    "muon": (False, False),
+    "normuon": (True, False),
+    "htnormuon": (True, False),
+    "htnormuon_interval": (True, True),
+}
+
+
+def htmuon_kwargs(t: TrainArguments) -> dict:
+    """Keyword arguments of :class:`htmuon_dist.HTMuon` for a resolved ``t`` (pure function).
+
+    ``normuon``/``normuon_beta2`` are passed only for the NorMuon family and ``adjust_lr_fn``
+    only when set, so the plain optimizers need nothing the HTMuon class may not have.
+    """
+    if t.optimizer not in _HTMUON_FAMILY:
+        raise ValueError(f"--optimizer {t.optimizer!r} does not use HTMuon; choose one of {sorted(_HTMUON_FAMILY)}")
+    normuon, interval = _HTMUON_FAMILY[t.optimizer]
+    kwargs: dict = dict(
+        lr=t.lr, power=t.power, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay,
+        method=t.spectral_method, interval=t.interval if interval else None,
+        adamw_lr=t.adamw_lr, adamw_betas=(0.9, 0.95), adamw_eps=1e-10,
+        adamw_weight_decay=t.adamw_weight_decay,
     )
+    if normuon:
+        kwargs.update(normuon=True, normuon_beta2=t.normuon_beta2)
+    if t.adjust_lr_fn is not None:
+        kwargs["adjust_lr_fn"] = t.adjust_lr_fn
+    return kwargs
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):

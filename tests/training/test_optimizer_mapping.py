@@ -1,0 +1,123 @@
+"""``--optimizer`` name -> HTMuon keyword arguments (a pure function), the config checks of the
+reference's variants, and ``htmuon-train --help`` listing every optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from htmuon_dist.training.config import OPTIMIZERS, ConfigError, parse_args, resolve
+from htmuon_dist.training.optim import htmuon_kwargs
+
+BASE = ["--model", "60m", "--micro_batch_size", "64"]
+
+# name -> (method, power, interval, normuon)
+EXPECTED = {
+    "htmuon": ("eigh", 0.125, None, False),
+    "htmuon_interval": ("eigh", 0.125, 5, False),
+    "htmuon_ns": ("ns_roots", 0.125, None, False),
+    "htmuon_ht": ("ht", 0.125, None, False),
+    "muon": ("ns5", 0.0, None, False),
+    "normuon": ("ns5", 0.0, None, True),
+    "htnormuon": ("eigh", 0.125, None, True),
+    "htnormuon_interval": ("eigh", 0.125, 5, True),
+}
+
+
+def _resolved(*argv: str):
+    cfg, _ = resolve(parse_args([*BASE, *argv]), world_size=8)
+    return cfg.train
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_optimizer_name_maps_to_htmuon_kwargs(name: str) -> None:
+    t = _resolved("--optimizer", name, "--normuon_beta2", "0.9")
+    kw = htmuon_kwargs(t)
+    method, power, interval, normuon = EXPECTED[name]
+    assert (kw["method"], kw["power"], kw["interval"]) == (method, power, interval)
+    assert kw.get("normuon", False) is normuon
+    assert kw.get("normuon_beta2") == (0.9 if normuon else None)
+    assert "adjust_lr_fn" not in kw  # unset: HTMuon's own default
+    assert kw["adamw_weight_decay"] == 0.0 and kw["adamw_eps"] == 1e-10 and kw["nesterov"] is True
+    # Muon-family lr from the table's Muon column, the others from HTMuon's
+    assert kw["lr"] == (0.01 if name in ("muon", "normuon") else 0.03)
+
+
+def test_every_optimizer_is_accepted_and_adamw_is_not_htmuon() -> None:
+    assert set(EXPECTED) | {"adamw"} == set(OPTIMIZERS)
+    with pytest.raises(ValueError, match="does not use HTMuon"):
+        htmuon_kwargs(_resolved("--optimizer", "adamw"))
+
+
+def test_adjust_lr_fn_and_adamw_weight_decay_are_passed() -> None:
+    t = _resolved("--optimizer", "htmuon", "--adjust_lr_fn", "match_rms_adamw", "--adamw_weight_decay", "0.1")
+    kw = htmuon_kwargs(t)
+    assert kw["adjust_lr_fn"] == "match_rms_adamw" and kw["adamw_weight_decay"] == 0.1
+    assert kw["lr"] == 1e-3  # an AdamW lr carries over under match_rms_adamw
+    assert htmuon_kwargs(_resolved("--adjust_lr_fn", "original"))["adjust_lr_fn"] == "original"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--optimizer", "htmuon_ns", "--power", "0.2"], r"2\^-k"),
+    (["--optimizer", "htmuon_ht", "--spectral_method", "eigh"], "uses spectral method 'ht'"),
+    (["--optimizer", "normuon", "--power", "0.125"], "use --optimizer htnormuon"),
+    (["--adjust_lr_fn", "match_rms"], "did you mean match_rms_adamw"),
+    (["--param_dtype", "fp16"], "--param_dtype"),
+    (["--spectral_method", "qr"], "unknown spectral method"),
+    (["--power", "1.5"], "--power must be in"),
+])
+def test_bad_variant_arguments_fail_with_a_fix(argv: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        _resolved(*argv)
+
+
+def test_help_lists_every_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name in OPTIMIZERS:
+        assert name in out, name
+    assert "--adjust_lr_fn" in out and "--param_dtype" in out
+
+
+@pytest.mark.parametrize("name", ["htmuon_ns", "htmuon_ht", "htmuon"])
+def test_variant_optimizers_build_and_step(name: str) -> None:
+    """The registry methods run inside today's HTMuon (the NorMuon kwargs land with the lead's
+    optimizer change, so only the plain family is built here)."""
+    from htmuon_dist import HTMuon
+
+    t = _resolved("--optimizer", name)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 24, bias=False)
+    opt = HTMuon([{"params": [layer.weight], "htmuon": True}], **htmuon_kwargs(t))
+    layer(torch.randn(8, 16)).square().sum().backward()
+    before = layer.weight.detach().clone()
+    opt.step()
+    assert torch.isfinite(layer.weight).all() and not torch.equal(before, layer.weight)
+
+
+def test_pure_bf16_parameters_train(cache_dir, tmp_path) -> None:
+    """--param_dtype bf16 (c4_reference.yaml's setting): the parameters are bf16 and the loss is
+    finite over a few steps, with the reference's clipping off and AdamW-group weight decay."""
+    import json
+
+    from conftest import TINY, launch
+
+    out = tmp_path / "bf16"
+    launch(cache_dir, None, [*TINY, "--max_steps", "3", "--param_dtype", "bf16", "--grad_clip", "0",
+                             "--adamw_weight_decay", "0.1", "--output_dir", str(out), "--export_model", "false",
+                             "--save_steps", "0"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["param_dtypes"] == ["bfloat16"] and summary["step"] == 3
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_c4_reference_yaml_has_the_reference_settings() -> None:
+    cfg, accum = resolve(parse_args(["--config", "configs/train/c4_reference.yaml", "--model", "135m"]), world_size=4)
+    t = cfg.train
+    assert (t.weight_decay, t.adamw_weight_decay, t.grad_clip, t.param_dtype) == (0.1, 0.1, 0.0, "bf16")
+    assert (t.total_batch_size, cfg.data.seq_len, cfg.data.packing, t.min_lr_ratio) == (512, 256, False, 0.1)
+    assert (t.lr, t.max_steps, t.warmup_steps, t.power) == (0.03, 20_000, 2_000, 0.125) and accum == 2
+    assert htmuon_kwargs(t)["adamw_weight_decay"] == 0.1

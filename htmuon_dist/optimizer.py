@@ -336,13 +336,12 @@ class HTMuon(Optimizer):
         temporaries if larger (they run before and after it). Valid after the first step."""
         if not self._engines and not any(not g["htmuon"] for g in self.param_groups):
             raise RuntimeError("memory_bound() needs the layouts: call it after the first step()")
-        bound = 0
-        for engine, placements, _ in self._engines.values():
-            wire = self.comm_dtype
-            params = [p for p, _, _, _ in self._matrix_params()]
-            elem = (torch.empty(0, dtype=wire).element_size() if wire is not None
-                    else max((p.element_size() for p in params), default=4))
-            bound = max(bound, engine.memory_bound(wire_bytes=elem))
+        params = [p for p, _, _, _ in self._matrix_params()]
+        wire = self.comm_dtype
+        elem = (torch.empty(0, dtype=wire).element_size() if wire is not None
+                else max((p.element_size() for p in params), default=4))
+        bound = max((entry[0].memory_bound(wire_bytes=elem) for entry in self._engines.values()),
+                    default=0)
         local = [_local(p) for g in self.param_groups for p in g["params"]]
         largest = max((t.numel() for t in local), default=0)
         adamw = [_local(p) for g in self.param_groups if not g["htmuon"] for p in g["params"]]

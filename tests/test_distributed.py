@@ -265,16 +265,22 @@ def hsdp_worker(rank, world):
         loss_fn("llama", model, micro_batches[0][lo:hi]).backward()
         opt.step()
         opt.zero_grad()
-    owners = opt.engine.plan.owners
-    return full_state(model, "fsdp2"), sorted(set(owners)), opt.comm_bytes_last_step
+    engine = opt.engine
+    crossing = [  # (matrix, sender) pairs where a rank sends to an owner in the other replica group
+        (i, r) for i, owner in enumerate(engine.plan.owners) for r, (s, e) in enumerate(engine.sources[i])
+        if r != owner and e > s and engine.domains[r] != engine.domains[owner]
+    ]
+    return full_state(model, "fsdp2"), sorted(set(engine.plan.owners)), engine.domains, crossing
 
 
-def test_hsdp_mesh_equals_single_process_and_uses_all_ranks():
+def test_hsdp_mesh_equals_single_process_uses_all_ranks_and_gathers_within_a_replica_group():
     want = reference_run("llama", 4, 2, 1, OPT)
     results = run_ranks(hsdp_worker, 4)
-    for params, owners, sent in results:
+    for params, owners, domains, crossing in results:
         assert_same_params(params, want)
         assert owners == [0, 1, 2, 3]
+        assert domains == [0, 0, 1, 1]
+        assert crossing == []
 
 
 def tensor_parallel_worker(rank, world):

@@ -14,29 +14,17 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from dist_models import build, full_state, loss_fn, make_batches, wrap
 from htmuon_dist import HTMuon, functional as F, param_groups, spectral_power
+from memtrack import allocator_peak
 from multirank import run_ranks
 from test_distributed import OPT, PER_RANK_BATCH, assert_same_params, reference_run
 
 MiB = 1 << 20
+BF16_WIRE_TOL = 2e-2
 # A LLaMA-1B layer set scaled down 16x per side: 4 x 2048², 2 x 5461x2048, 2048x5461, 32000x2048.
 SMALL_1B = [(128, 128)] * 4 + [(341, 128)] * 2 + [(128, 341), (2000, 128)]
-
-
-def allocated_peak(fn) -> int:
-    """Peak bytes live at once during ``fn()`` above what was live before it (CPU allocator)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def _matrices(shapes, seed=0):
@@ -57,7 +45,7 @@ def test_one_process_step_stays_within_the_memory_contract(method):
     _set_grads(params, 1)
     opt.step()  # creates the momentum
     _set_grads(params, 2)
-    peak = allocated_peak(opt.step)
+    peak = allocator_peak(opt.step)
     bound = opt.memory_bound()
     largest = max(m * n for m, n in SMALL_1B) * 4
     # the step does hold the largest matrix's transform input and result at once
@@ -78,7 +66,7 @@ def test_bucket_cap_bounds_the_peak_and_a_single_bucket_does_not():
         _set_grads(params, 1)
         opt.step()
         _set_grads(params, 2)
-        peaks[name] = allocated_peak(opt.step)
+        peaks[name] = allocator_peak(opt.step)
         assert peaks[name] <= opt.memory_bound()
     total = sum(m * n for m, n in shapes) * 4
     assert peaks["one bucket"] >= 2 * total
@@ -98,7 +86,7 @@ def memory_worker(rank, world, backend):
     opt.step()
     opt.zero_grad()
     loss_fn("llama", wrapped, batches[1][0][lo:hi]).backward()
-    peak = allocated_peak(opt.step)
+    peak = allocator_peak(opt.step)
     return peak, opt.memory_bound()
 
 
@@ -229,8 +217,10 @@ def test_bf16_wire_keeps_ddp_replicas_bit_identical_at_w3():
     for params, _ in results[1:]:
         for name, value in first.items():
             assert torch.equal(params[name], value), f"replicas differ at {name}"
-    want = reference_run("llama", 3, 5, 1, OPT)
-    assert_same_params(first, want, tol=5e-2)  # bf16 rounds the momentum to ~3 digits
+    # the one-process run with the same wire: equal up to the gradient reduction order, which
+    # can flip a bf16 rounding here and there
+    want = reference_run("llama", 3, 5, 1, dict(OPT, comm_dtype=torch.bfloat16))
+    assert_same_params(first, want, tol=BF16_WIRE_TOL)
 
 
 # -- the pure update functions ----------------------------------------------------------------

@@ -17,6 +17,7 @@ from . import newton_schulz as _newton_schulz  # noqa: F401  (registers "ns5")
 from . import tracked_ns as _tracked_ns  # noqa: F401  (registers "tracked_ns")
 from . import fast as _fast  # noqa: F401  (registers "gram_rr", "auto")
 from . import gram32 as _gram32  # noqa: F401  (registers "gram32")
+from . import auto_table  # noqa: F401  (auto's measured table)
 from .fast import auto_choice
 from .newton_schulz import newton_schulz5
 from .registry import SpectralMethod, available_methods, get_method, method_cost, register_method

@@ -182,8 +182,10 @@ def parse_results(sections: list[Section], out: Path) -> None:
         if sec.name == "trainer":
             rows = [json.loads(line) for line in (out / "train_bf16" / "metrics.jsonl").read_text().splitlines()] \
                 if (out / "train_bf16" / "metrics.jsonl").exists() else []
+            log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
             sec.result["data"] = {"steps_logged": sorted({r["step"] for r in rows if "loss" in r}),
-                                  "losses": [r["loss"] for r in rows if "loss" in r][-3:]}
+                                  "losses": [r["loss"] for r in rows if "loss" in r][-3:],
+                                  "resumed_at_step_6": "resumed at step 6" in log}
 
 
 def markdown(sections: list[Section], args: argparse.Namespace, total_s: float) -> str:
@@ -229,6 +231,11 @@ def markdown(sections: list[Section], args: argparse.Namespace, total_s: float) 
             last = s.result["runs"][-1]
             lines += ["", f"## {s.name}: {s.result['status']}", "", f"`{last['cmd']}`", "", "```",
                       (last["stderr_tail"] or last["stdout_tail"])[-1500:], "```"]
+    tr = next((s.result.get("data") for s in sections if s.name == "trainer"), None)
+    if tr:
+        lines += ["", "## Trainer (bf16, checkpoint and resume)", "",
+                  f"Steps logged: {tr['steps_logged']}; resumed from the step-6 checkpoint: "
+                  f"{tr['resumed_at_step_6']}; last losses: {tr['losses']}"]
     for s in sections:
         if s.name in ("trainer", "scaling", "examples") and s.result.get("runs"):
             lines += ["", f"## {s.name} output (tail)", "", "```", s.result["runs"][-1]["stdout_tail"][-1200:], "```"]

@@ -118,9 +118,14 @@ def check_devices(
     cpu = CPU_CONFIGS[requested_strategy(env)]
     visible = env.get("CUDA_VISIBLE_DEVICES")
     hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    if config_file and Path(config_file).name.startswith("cpu_"):
+        # a CPU config with a GPU override on the launch line (accelerate launch --mixed_precision bf16)
+        fix = "launch it without --mixed_precision bf16 (the CPU configs say 'no')"
+    else:
+        fix = f"use --config_file {cpu}"
     raise NoGPUError(
         f"{what} asks for GPUs ({reason}) but no CUDA device is visible{hint}; on this machine "
-        f"use --config_file {cpu}, or pass --allow_cpu true to run on the CPU on purpose"
+        f"{fix}, or pass --allow_cpu true to run on the CPU on purpose"
     )
 
 

@@ -46,6 +46,11 @@ def test_check_devices_names_the_config_and_the_cpu_one(env, cpu_config):
     check_devices(False, env, lambda: True, config_file=None)  # a GPU is there: no error
 
 
+def test_a_cpu_config_with_a_gpu_override_gets_the_matching_hint():
+    with pytest.raises(NoGPUError, match="without --mixed_precision bf16"):
+        check_devices(False, GPU_ENV, no_cuda, config_file="configs/accelerate/cpu_fsdp2.yaml")
+
+
 def test_require_cuda():
     assert require_cuda("cpu", cuda_available=no_cuda) == "cpu"
     assert require_cuda("cuda", cuda_available=lambda: True) == "cuda"

@@ -110,3 +110,9 @@ def spectral_power(
     y = y.mT if wide else y
     y = y.to(M.dtype)
     return y[0] if M.ndim == 2 else y
+
+
+# After spectral_power exists: grouped.py calls it.
+from .grouped import spectral_power_groups  # noqa: E402
+
+__all__ += ["spectral_power_groups"]

@@ -14,7 +14,8 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
    :data:`RULE_METHOD` = ``"eigh"``, the exact method, fastest or near-fastest on every device
    measured so far (CPU: 0.6-1.7x NS5; H100 probe: cuSOLVER eigh, see docs/spectral.md).
 
-Lookups use host metadata only (device name, shape): no sync.
+Lookups use host metadata only (device name, shape): no sync. The chosen method may sync
+(``gram32`` syncs once per call to decide its float64 fallback); the others do not.
 """
 
 from __future__ import annotations

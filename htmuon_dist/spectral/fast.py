@@ -16,9 +16,9 @@ GPUs), where ``eigh``'s float64 Gram and products dominate. Not measured on such
 
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from . import auto_table
 from .exact import _powered

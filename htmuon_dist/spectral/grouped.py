@@ -118,9 +118,31 @@ def run_lanes(
     return results  # type: ignore[return-value]
 
 
+def split_batches(jobs: Sequence[Job], parts: int) -> tuple[list[Job], list[list[int]]]:
+    """Each (b, m, n) job with b > 1 becomes up to ``parts`` jobs of consecutive matrices
+    (views, no copy), so that one shape's batch also spreads over the streams: a batched CUDA
+    ``eigh`` of large matrices runs them one after another. Returns the sub-jobs and, per
+    original job, the indices of its sub-jobs. Every method works matrix by matrix (the rank
+    cutoff is per matrix), so a split batch gives the same matrices back."""
+    sub: list[Job] = []
+    owners: list[list[int]] = []
+    for x, power, method, rtol in jobs:
+        chunks = (torch.tensor_split(x, min(parts, x.shape[0]), dim=0)
+                  if x.ndim == 3 and x.shape[0] > 1 and parts > 1 else (x,))
+        owners.append(list(range(len(sub), len(sub) + len(chunks))))
+        sub.extend((c, power, method, rtol) for c in chunks)
+    return sub, owners
+
+
+def merge_batches(outs: Sequence[torch.Tensor], owners: list[list[int]]) -> list[torch.Tensor]:
+    """Inverse of :func:`split_batches` on the outputs (on the current stream)."""
+    return [outs[idx[0]] if len(idx) == 1 else torch.cat([outs[i] for i in idx], dim=0) for idx in owners]
+
+
 def _cuda_group(jobs: Sequence[Job], streams: int) -> list[torch.Tensor]:
     device = jobs[0][0].device
     caller = torch.cuda.current_stream(device)
+    jobs, owners = split_batches(jobs, streams)
     lanes = plan_lanes(jobs, streams)
     pool = _pool(device, len(lanes))
     for k, lane in enumerate(lanes):
@@ -141,7 +163,7 @@ def _cuda_group(jobs: Sequence[Job], streams: int) -> list[torch.Tensor]:
             caller.wait_stream(pool[k])  # also on error: nothing of ours still runs behind the caller
     for out in results:
         out.record_stream(caller)
-    return results
+    return merge_batches(results, owners)  # on the caller's stream, after its wait on every lane
 
 
 def spectral_power_groups(jobs: Sequence[Job], streams: Optional[int] = None) -> list[torch.Tensor]:
@@ -157,8 +179,8 @@ def spectral_power_groups(jobs: Sequence[Job], streams: Optional[int] = None) ->
         outputs are ready for use on the caller's current stream (no host sync needed).
 
     CPU jobs run in order: the CPU already spreads one ``eigh``/matmul over its cores, and
-    concurrent LAPACK calls would only compete for them. Jobs on different CUDA devices are
-    grouped per device.
+    concurrent LAPACK calls would only compete for them. On CUDA, batches are also split over
+    the streams (:func:`split_batches`); jobs on different CUDA devices are grouped per device.
     """
     jobs = list(jobs)
     streams = DEFAULT_STREAMS if streams is None else int(streams)
@@ -172,9 +194,6 @@ def spectral_power_groups(jobs: Sequence[Job], streams: Optional[int] = None) ->
         else:
             results[i] = _run(jobs[i])
     for indices in by_device.values():
-        if len(indices) == 1:
-            results[indices[0]] = _run(jobs[indices[0]])
-            continue
         for i, out in zip(indices, _cuda_group([jobs[i] for i in indices], streams)):
             results[i] = out
     return results  # type: ignore[return-value]

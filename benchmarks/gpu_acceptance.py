@@ -59,15 +59,16 @@ def _accelerate() -> str:
     return found or str(Path(sys.executable).with_name("accelerate"))
 
 
-def plan(out: Path, gpus: int, quick: bool) -> list[Section]:
-    """The sections with their commands (nothing runs here)."""
+def plan(out: Path, gpus: int, quick: bool, work: Optional[Path] = None) -> list[Section]:
+    """The sections with their commands (nothing runs here). Reports go to ``out``; trainer
+    outputs (checkpoints) to ``work``, so that the report folder stays small enough to commit."""
     py, acc = _py(), _accelerate()
-    cache = str(out / "cache")
+    work = work or out / "work"
     tiny = ["--config", "configs/train/tiny_cpu.yaml", "--seq_len", "128", "--micro_batch_size", "8",
             "--total_batch_size", "16", "--eval_steps", "0", "--eval_tokens", "4096", "--logging_steps", "1",
             "--report_to", "jsonl", "--plot", "false", "--progress_bar", "false", "--export_model", "false"]
     train_procs = "2" if gpus >= 2 else "1"
-    train_out = str(out / "train_bf16")
+    train_out = str(work / "train_bf16")
     trainer = [acc, "launch", "--config_file", "configs/accelerate/fsdp2.yaml", "--num_processes", train_procs,
                "--main_process_port", "29611", "launch/train.py", *tiny, "--mixed_precision", "bf16",
                "--max_steps", "12", "--warmup_steps", "2", "--save_steps", "6", "--output_dir", train_out]
@@ -76,7 +77,7 @@ def plan(out: Path, gpus: int, quick: bool) -> list[Section]:
         ds.append([acc, "launch", "--config_file", f"configs/accelerate/deepspeed_zero{stage}.yaml",
                    "--num_processes", "1", "--main_process_port", str(29620 + stage), "launch/train.py", *tiny,
                    "--mixed_precision", "bf16", "--max_steps", "4", "--warmup_steps", "1", "--save_steps", "0",
-                   "--output_dir", str(out / f"zero{stage}")])
+                   "--output_dir", str(work / f"zero{stage}")])
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     examples = [[torchrun, "--nproc_per_node", "1", "--master_port", str(29630 + i), "launch/examples/sharded_htmuon.py",
                  "--backend", b, "--steps", "10"] for i, b in enumerate(["fsdp2", "fsdp1", "ddp"])]
@@ -92,7 +93,7 @@ def plan(out: Path, gpus: int, quick: bool) -> list[Section]:
                 [[py, "benchmarks/memory.py", "--layers", "7b", "--world", "1", "--device", "cuda",
                   "--json", str(out / "memory.json")]], 90),
         Section("trainer", f"bf16 trainer, FSDP2 config, {train_procs} process(es): stop at 6 with a checkpoint, resume to 12",
-                [trainer + ["--stop_at_step", "6"], trainer], 150),
+                [trainer + ["--stop_at_step", "6"], trainer], 180),
         Section("deepspeed", "DeepSpeed ZeRO-1 and ZeRO-3 trainer runs at W = 1", ds, 150),
         Section("examples", "launch/examples/sharded_htmuon.py over NCCL at W = 1: fsdp2, fsdp1, ddp", examples, 120),
         Section("scaling", f"benchmarks/scaling.py --device cuda at W = {worlds}",
@@ -166,7 +167,7 @@ def _load(path: Path) -> Optional[dict]:
         return None
 
 
-def parse_results(sections: list[Section], out: Path) -> None:
+def parse_results(sections: list[Section], out: Path, work: Optional[Path] = None) -> None:
     """Adds the tools' own JSON (and the env section's) to each section's result."""
     for sec in sections:
         if sec.name == "env" and sec.result.get("runs"):
@@ -180,8 +181,8 @@ def parse_results(sections: list[Section], out: Path) -> None:
                 if data is not None:
                     sec.result["data"] = data
         if sec.name == "trainer":
-            rows = [json.loads(line) for line in (out / "train_bf16" / "metrics.jsonl").read_text().splitlines()] \
-                if (out / "train_bf16" / "metrics.jsonl").exists() else []
+            metrics = (work or out / "work") / "train_bf16" / "metrics.jsonl"
+            rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
             log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
             sec.result["data"] = {"steps_logged": sorted({r["step"] for r in rows if "loss" in r}),
                                   "losses": [r["loss"] for r in rows if "loss" in r][-3:],
@@ -246,6 +247,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu_acceptance",
                     help="report folder (created)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="trainer outputs and checkpoints (default: a fresh temporary folder, removed at the end)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget for all sections")
     ap.add_argument("--sections", default=None, help="comma list of sections to run (default all)")
@@ -265,7 +268,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"machine, or pass --dry-run to print the plan", file=sys.stderr)
             return 2
         gpus = torch.cuda.device_count()
-    sections = plan(args.out, gpus or 1, args.quick)
+    import tempfile
+
+    if args.work is not None:
+        work = args.work
+    elif args.dry_run:  # nothing is created in a dry run
+        work = Path(tempfile.gettempdir()) / "htmuon_acceptance_XXXXXX"
+    else:
+        work = Path(tempfile.mkdtemp(prefix="htmuon_acceptance_"))
+    sections = plan(args.out, gpus or 1, args.quick, work)
     if args.sections:
         wanted = set(args.sections.split(","))
         unknown = wanted - {s.name for s in sections}
@@ -287,8 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if table.exists():  # the report's table starts from the shipped one: other devices stay
         shutil.copy(table, args.out / "auto_table.json")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               HTMUON_CACHE=str(args.out / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     log = args.out / "log.txt"
     log.write_text("")
     start = time.monotonic()
@@ -300,12 +310,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             run_section(s, deadline, log, env)
         print(f"           -> {s.result['status']} ({s.result.get('seconds', 0)} s)", flush=True)
-        parse_results([s], args.out)
+        parse_results([s], args.out, work)
         # written after every section, so an interrupted run still leaves a report
         report = {"args": {k: str(v) for k, v in vars(args).items()},
                   "sections": [asdict(x) for x in sections]}
         (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (args.out / "report.md").write_text(markdown(sections, args, time.monotonic() - start))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
     failed = [s.name for s in sections if s.result.get("status") != "ok"]
     print(f"report: {args.out / 'report.md'}" + (f"; not ok: {', '.join(failed)}" if failed else "; all ok"))
     return 1 if failed else 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from htmuon_dist.spectral import auto_table, fast, get_method, spectral_power

@@ -3,14 +3,15 @@ before any work with one line naming the config and the CPU config to use instea
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ACCELERATE, REPO, TINY, env_for, free_port, launch
-from htmuon_dist.training import preflight
 from htmuon_dist.training.preflight import NoGPUError, check_devices, gpu_request, require_cuda
 
 GPU_ENV = {"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "bf16",
@@ -61,16 +62,16 @@ def test_require_cuda():
 
 def test_launcher_config_file_is_read_from_the_parent_process():
     """A child started with ``--config_file X`` finds X from its own process (its parent)."""
-    code = ("import os,sys; from htmuon_dist.training.preflight import launcher_config_file as f; "
+    if not os.path.exists("/proc/self/cmdline"):
+        pytest.skip("no /proc on this OS: the message then says 'the accelerate launch'")
+    code = ("import os; from htmuon_dist.training.preflight import launcher_config_file as f; "
             "print(f(os.getpid()))")
     out = subprocess.run([sys.executable, "-c", code, "--config_file", "configs/accelerate/x.yaml"],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
-    if not __import__("os").path.exists("/proc/self/cmdline"):
-        pytest.skip("no /proc on this OS: the message then says 'the accelerate launch'")
     assert out == "configs/accelerate/x.yaml"
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only behaviour")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_gpu_config_on_a_cpu_machine_exits_at_once(tmp_path):
     env = env_for(tmp_path)
     env.pop("DS_ACCELERATOR", None)
@@ -88,7 +89,7 @@ def test_gpu_config_on_a_cpu_machine_exits_at_once(tmp_path):
     assert took < 60, f"took {took:.0f} s"  # interpreter + torch import, nothing else (~7 s here)
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only behaviour")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_allow_cpu_runs_a_gpu_config_on_the_cpu(cache_dir, tmp_path):
     out = tmp_path / "out"
     proc = launch(cache_dir, "fsdp2.yaml", [*TINY, "--max_steps", "2", "--output_dir", str(out),

@@ -10,6 +10,13 @@ accuracy against the HTMuon bar: ``err / bar`` with ``err = ||Y - R|| / ||R||``,
 applied to both) from a float64 reference (SVD; the float64 Gram eigh where the SVD is skipped).
 ``err/bar <= 1`` meets the bar; NS5's own row shows how far Muon is (about 4 by construction).
 The input is a Gaussian matrix (a momentum-like, well-spread spectrum) in ``--dtype``.
+``gram32`` is also timed on an ill-conditioned input of the same shape (one column scaled by
+1e-3), where it redoes the matrix in float64: ``time_s_fallback``.
+
+    python benchmarks/spectral.py --device cuda --write-table   # measure, update auto's table
+
+``--write-table [PATH]`` merges this device's rows into the table ``method="auto"`` reads
+(default: the package's htmuon_dist/spectral/auto_table.json; other devices' entries are kept).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from htmuon_dist.spectral import auto_choice, default_rtol, spectral_power  # noqa: E402
+from htmuon_dist.spectral import auto_choice, auto_table, default_rtol, spectral_power  # noqa: E402
 from htmuon_dist.spectral.accuracy import bar, rel_err  # noqa: E402
 from htmuon_dist.spectral.exact import eigh_power, svd_power  # noqa: E402
 from htmuon_dist.spectral.newton_schulz import newton_schulz5  # noqa: E402
@@ -39,7 +46,7 @@ SHAPES: dict[str, list[tuple[int, int]]] = {
     # the shapes issue #7 reports: LLaMA-1B MLP (both orientations) and LLaMA-7B MLP
     "issue": [(2048, 5461), (5461, 2048), (4096, 11008)],
 }
-METHODS = ["svd", "eigh", "ns5", "tracked_ns", "gram_rr", "auto"]
+METHODS = ["svd", "eigh", "ns5", "tracked_ns", "gram_rr", "gram32", "auto"]
 
 
 def _sync(device: torch.device) -> None:
@@ -70,6 +77,16 @@ def reference(x: torch.Tensor, power: float, rtol: float, use_svd: bool) -> tupl
     if wide:
         r, p = r.mT, p.mT
     return r[0], p[0]
+
+
+def _ill_conditioned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with one column (tall) or row (wide) scaled by 1e-3: lambda_min/lambda_max ~ 1e-8."""
+    y = x.clone()
+    if y.size(-2) >= y.size(-1):
+        y[:, 0] *= 1e-3
+    else:
+        y[0, :] *= 1e-3
+    return y
 
 
 def rel_err_and_bar(y: torch.Tensor, r: torch.Tensor, p: torch.Tensor, rescale: bool) -> tuple[float, float]:
@@ -115,6 +132,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "time_s": t, "err": err, "bar": bar, "err_over_bar": err / bar,
                     "reference": "svd" if use_svd_ref else "eigh",
                 }
+                if name == "gram32":
+                    row["time_s_fallback"] = best_time(
+                        lambda: spectral_power(_ill_conditioned(x), power, method=name), device, args.repeat)
                 rows.append(row)
                 del y
             for row in rows:
@@ -144,7 +164,8 @@ def _print_shape(rows: list[dict], m: int, n: int, device: torch.device) -> None
         print(
             f"{m:>6}x{n:<6} {name:<16} {row['time_s'] * 1e3:>10.2f} ms "
             f"{row.get('ratio_to_ns5', float('nan')):>7.2f}x ns5   "
-            f"err {row['err']:.2e}  err/bar {row['err_over_bar']:.2e}",
+            f"err {row['err']:.2e}  err/bar {row['err_over_bar']:.2e}"
+            + (f"  ill-conditioned {row['time_s_fallback'] * 1e3:.2f} ms" if "time_s_fallback" in row else ""),
             flush=True,
         )
 
@@ -162,15 +183,47 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--power", type=float, default=0.125)
     ap.add_argument("--svd-7b", action="store_true", help="also time svd (and use it as the reference) on 7B shapes")
     ap.add_argument("--json", default=None, help="write all rows to this file")
+    ap.add_argument("--write-table", nargs="?", const=str(auto_table.TABLE_PATH), default=None,
+                    metavar="PATH", help="merge this device's measurements into auto's table "
+                    f"(default path {auto_table.TABLE_PATH.relative_to(Path(__file__).resolve().parents[1])})")
+    ap.add_argument("--table-from", default=None, metavar="JSON",
+                    help="with --write-table: take the rows from a saved --json file of this "
+                    "script instead of measuring (its device must be this one)")
+    ap.add_argument("--allow-cpu", action="store_true", help="--device cuda without a GPU runs on the CPU")
     args = ap.parse_args(argv)
     if args.shapes is None:
         args.shapes = "60m,1b,7b" if args.device.startswith("cuda") else "60m,1b,foundation"
+    from htmuon_dist.training.preflight import NoGPUError, require_cuda
+
+    try:
+        args.device = require_cuda(args.device, args.allow_cpu)
+    except NoGPUError as e:
+        raise SystemExit(f"spectral.py: error: {e}") from None
     dev = torch.device(args.device)
     name = _device_name(dev)
     print(f"device {name}, torch {torch.__version__}, input {args.dtype}, p = {args.power}, "
           f"threads {torch.get_num_threads()}, best of {args.repeat}", flush=True)
     print(f"{'shape':>13} {'method':<16} {'time/matrix':>13} {'ratio':>8}", flush=True)
-    run(args)
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        if saved.get("device") != name:
+            raise SystemExit(f"spectral.py: error: --table-from {args.table_from} was measured on "
+                             f"{saved.get('device')!r}, this is {name!r}")
+        rows = saved["rows"]
+        args.shapes = f"{saved['args']['shapes']} (from {args.table_from})"
+        args.repeat = saved["args"].get("repeat", args.repeat)
+    else:
+        rows = run(args)
+    if args.write_table:
+        path = Path(args.write_table)
+        key = auto_table.device_key(dev.type, dev.index)
+        source = f"benchmarks/spectral.py --device {args.device} --shapes {args.shapes} --repeat {args.repeat}"
+        table = auto_table.merge_measurements(auto_table.load_table(path), key, rows, source)
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {len(table['devices'][key]['entries'])} shapes for {key!r} to {path}")
+        auto_table._load.cache_clear()
+        for m, n in sorted({tuple(r["shape"]) for r in rows}):
+            print(f"  auto at {m}x{n}: {auto_table.choose(key, m, n, table)}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,9 @@ def test_auto_choice_is_registered_and_meets_bar() -> None:
     assert rel_err(y, r) <= bar(r, p)
 
 
-@pytest.mark.parametrize("method", APPROX + ["eigh", "svd"])
+# gram32 syncs once per call by design (which matrices fall back to float64);
+# tests/test_gram32.py checks that it is exactly one.
+@pytest.mark.parametrize("method", [m for m in APPROX if m != "gram32"] + ["eigh", "svd"])
 def test_no_host_sync_in_the_hot_path(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """No .item(), .tolist() or data-dependent Python branch once a method is warm (on CUDA any
     of these would stall the stream). Caught on CPU by making them raise. This sees Python-level

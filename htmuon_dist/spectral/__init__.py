@@ -19,6 +19,8 @@ from . import fast as _fast  # noqa: F401  (registers "gram_rr", "auto")
 from . import ns_roots as _ns_roots  # noqa: F401  (registers "ns_roots")
 from . import ht as _ht  # noqa: F401  (registers "ht")
 from .cutoff import Cutoff, noise_cutoff
+from . import gram32 as _gram32  # noqa: F401  (registers "gram32")
+from . import auto_table  # noqa: F401  (auto's measured table)
 from .fast import auto_choice
 from .newton_schulz import newton_schulz5
 from .registry import (
@@ -139,3 +141,9 @@ def spectral_power(
     y = y.mT if wide else y
     y = y.to(M.dtype)
     return y[0] if M.ndim == 2 else y
+
+
+# After spectral_power exists: grouped.py calls it.
+from .grouped import spectral_power_groups  # noqa: E402
+
+__all__ += ["spectral_power_groups"]

@@ -3,12 +3,9 @@
 Both take a batch ``(b, m, n)`` with ``m >= n`` in any float dtype and return float32; singular
 values at or below ``rtol * sigma_max`` (per matrix) map to zero, as in :mod:`.exact`.
 
-The matmul-only method is ``"tracked_ns"`` (:mod:`.tracked_ns`): it meets the bar with a proven
-bound (~1.5e-3 at p = 1/8) but costs about 3x Muon's NS5 FLOPs, measured 2.4-3.9x NS5 on this
-project's CPU, where the exact ``eigh`` measured 0.59-0.83x at 1B/7B shapes and 1.0-1.7x at 60M. ``auto`` therefore takes ``eigh`` on
-CPUs; on CUDA the H100 probe (benchmarks/results/spectral_h100.md) measured ``eigh`` at 6-18x NS5
-and ``tracked_ns`` has not been timed on a GPU yet, so ``auto`` stays on the exact method there
-until ``benchmarks/spectral.py --device cuda`` says otherwise (docs/spectral.md).
+``auto`` picks per device and shape from the measured table shipped as package data
+(:mod:`.auto_table`, written by ``benchmarks/spectral.py --write-table``): the fastest method
+that met the accuracy bar there, or the exact ``eigh`` where the device has no measurements.
 
 ``gram_rr`` keeps every matrix-sized product in float32 and does float64 work only on n x n
 matrices. Where float64 matmuls are fast (CPUs, H100) it is slower than the exact ``eigh`` (it
@@ -19,10 +16,13 @@ GPUs), where ``eigh``'s float64 Gram and products dominate. Not measured on such
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .exact import _powered, eigh_cost, eigh_power
-from .registry import SpectralMethod, register_method
+from . import auto_table
+from .exact import _powered
+from .registry import SpectralMethod, get_method, register_method
 
 
 def gram_rr_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
@@ -73,44 +73,22 @@ def gram_rr_cost(m: int, n: int) -> float:
     return 10.0 * m * n * n + 2.0 * n**3 + 9.0 * n**3 + 2.0 * 9.0 * n**3
 
 
-# What "auto" runs, per device type, as (largest n, method) pairs checked in order.
-# Chosen from benchmarks/spectral.py (benchmarks/results/): the fastest method meeting the bar.
-#   device | n (smaller side) | method | why
-#   cpu    | any              | eigh   | exact; fp64 Gram + fp64 eigh of n x n measured at
-#          |                  |        | 0.6-1.7x fp32 NS5 (Muon) vs tracked_ns 2.4-3.9x; gram_rr
-#          |                  |        | needs an fp32 *and* an fp64 eigh, more than it saves
-#   cuda   | any              | eigh   | exact; cuSOLVER eigh dominates every eigh-based method on an
-#          |                  |        | H100 (one eigh here, two in gram_rr; spectral_h100.md);
-#          |                  |        | tracked_ns (~3x NS5 FLOPs, matmul-only) not yet timed on GPU
-#   other  | any              | eigh   | like cpu
-_AUTO_TABLE: dict[str, list[tuple[int, str]]] = {
-    "cpu": [(1 << 62, "eigh")],
-    "cuda": [(1 << 62, "eigh")],
-}
-_AUTO_DEFAULT = "eigh"
-
-
-def auto_choice(device_type: str, m: int, n: int) -> str:
-    """Method name ``"auto"`` uses for one (m, n) matrix (m >= n) on ``device_type``."""
-    for max_n, name in _AUTO_TABLE.get(device_type, [(1 << 62, _AUTO_DEFAULT)]):
-        if n <= max_n:
-            return name
-    return _AUTO_DEFAULT
-
-
-_AUTO_FNS = {"gram_rr": gram_rr_power, "eigh": eigh_power}
-_AUTO_COSTS = {"gram_rr": gram_rr_cost, "eigh": eigh_cost}
+def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None) -> str:
+    """Method name ``"auto"`` uses for one (m, n) matrix on ``device_type`` (device ``index``):
+    the fastest that met the bar in the measured table (:mod:`.auto_table`), else ``eigh``."""
+    return auto_table.choose(auto_table.device_key(device_type, index), m, n)[0]
 
 
 def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
-    """Dispatches on device type and shape (host metadata only, no sync). (b, m, n) -> float32."""
-    name = auto_choice(x.device.type, x.size(-2), x.size(-1))
-    return _AUTO_FNS[name](x, power, rtol).to(torch.float32)
+    """Dispatches on device and shape (host metadata only, no sync). (b, m, n) -> float32."""
+    name = auto_choice(x.device.type, x.size(-2), x.size(-1), x.device.index)
+    return get_method(name).fn(x, power, rtol).to(torch.float32)
 
 
 def auto_cost(m: int, n: int) -> float:
-    # The planner has no device at hand; GPU ranks are the ones that train at scale.
-    return _AUTO_COSTS[auto_choice("cuda", m, n)](m, n)
+    # The planner must give every rank the same plan, so it costs the documented rule's method,
+    # not a per-device table lookup (ranks could see different devices).
+    return get_method(auto_table.RULE_METHOD).cost(m, n)
 
 
 register_method(

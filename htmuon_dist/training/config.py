@@ -119,6 +119,7 @@ class TrainArguments:
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 disables)"})
     seed: int = field(default=42, metadata={"help": "model init and data order"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32) | bf16 | no"})
+    allow_cpu: bool = field(default=False, metadata={"help": "run on the CPU even when the accelerate config asks for GPUs (otherwise that stops at once)"})
     parallel: str = field(
         default="auto", metadata={"help": "auto (from the accelerate config) | fsdp2 | fsdp1 | ddp | deepspeed | none"}
     )

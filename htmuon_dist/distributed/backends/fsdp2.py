@@ -47,6 +47,8 @@ def describe(p: torch.Tensor, name: str) -> tuple[MatrixPlacement, dist.ProcessG
             f"mesh dimension only"
         )
     local = p.to_local()
+    group = _mesh_group(mesh, name)
+    check_offload(local, group, name)
     if local.ndim and not local.is_contiguous():
         raise ValueError(f"{name}: the local shard is not contiguous; cannot address it flat")
     if shard_dims:
@@ -62,7 +64,37 @@ def describe(p: torch.Tensor, name: str) -> tuple[MatrixPlacement, dist.ProcessG
         local_range=(row_start * cols, (row_start + rows) * cols),
         local_view=_local_flat,
     )
-    return placement, _mesh_group(mesh, name)
+    return placement, group
+
+
+# Backends that move CPU tensors; NCCL moves only GPU tensors.
+_CPU_BACKENDS = ("gloo", "mpi", "ucc")
+
+
+def backend_of(group: dist.ProcessGroup) -> str:
+    """``dist.get_backend(group)`` (e.g. "nccl", "gloo", "cpu:gloo,cuda:nccl"); a seam for tests."""
+    return str(dist.get_backend(group))
+
+
+def check_offload(local: torch.Tensor, group: dist.ProcessGroup, name: str) -> None:
+    """Refuses a shard on the CPU under a group that cannot move CPU tensors.
+
+    FSDP2's ``CPUOffloadPolicy`` keeps sharded parameters and gradients on the CPU while the
+    mesh's process group is NCCL; the exchange would hand CPU tensors to NCCL, which fails deep
+    inside a collective (or hangs). Checked when the layouts are built, at the first step.
+    """
+    if local.device.type != "cpu":
+        return
+    backend = backend_of(group).lower()
+    if any(b in backend for b in _CPU_BACKENDS):
+        return
+    raise ValueError(
+        f"{name}: the FSDP2 shard lives on the CPU (fully_shard(..., offload_policy="
+        f"CPUOffloadPolicy()) or a CPU model) but the mesh's process group is {backend!r}, which "
+        f"cannot send CPU tensors; HTMuon does not support CPUOffloadPolicy with NCCL: drop "
+        f"offload_policy (FSDP2 keeps shards on the GPU), or initialise the group with a CPU "
+        f"backend too (init_process_group('cpu:gloo,cuda:nccl'); the exchange and Σ^p then run on the CPU)"
+    )
 
 
 def _mesh_group(mesh, name: str) -> dist.ProcessGroup:

@@ -1,0 +1,107 @@
+"""What ``method="auto"`` runs: the fastest method that met the accuracy bar, from measurements.
+
+The measurements are ``auto_table.json`` next to this file (package data), written by
+``python benchmarks/spectral.py --write-table`` on each device (one entry per device name:
+``"cpu"`` or the CUDA device name, e.g. ``"NVIDIA H100 80GB HBM3"``). For a matrix of shape
+(m, n), m >= n, on a device:
+
+1. the device's measured shape nearest to (m, n) (distance of ``log m`` and ``log n``) is taken;
+2. among its methods that met the bar in that run (``err/bar <= 1``; Muon's ``ns5`` never
+   does), the one with the smallest time wins. A method with a slower ``time_s_fallback``
+   (``gram32`` on an ill-conditioned input, where it redoes the matrix in float64) is ranked by
+   that slower time: real momenta are often ill-conditioned.
+3. No measurement for the device (or the table unreadable): the documented rule,
+   :data:`RULE_METHOD` = ``"eigh"``, the exact method, fastest or near-fastest on every device
+   measured so far (CPU: 0.6-1.7x NS5; H100 probe: cuSOLVER eigh, see docs/spectral.md).
+
+Lookups use host metadata only (device name, shape): no sync. The chosen method may sync
+(``gram32`` syncs once per call to decide its float64 fallback); the others do not.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+TABLE_PATH = Path(__file__).with_name("auto_table.json")
+RULE_METHOD = "eigh"
+# Methods auto may pick: HTMuon-capable (any p) and meeting the bar when measured.
+CANDIDATES = ("eigh", "svd", "gram32", "gram_rr", "tracked_ns")
+
+Table = dict[str, Any]
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str) -> Table:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {"devices": {}}
+    return data if isinstance(data.get("devices"), dict) else {"devices": {}}
+
+
+def load_table(path: Optional[Path] = None) -> Table:
+    """The shipped table (or ``path``); an unreadable file counts as no measurements."""
+    return _load(str(path or TABLE_PATH))
+
+
+@functools.lru_cache(maxsize=16)
+def device_key(device_type: str, index: Optional[int] = None) -> str:
+    """Table key of a device: ``"cpu"``, or the CUDA device's name."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())
+    return device_type
+
+
+def _shape_distance(entry: dict, m: int, n: int) -> float:
+    em, en = max(entry["shape"]), min(entry["shape"])
+    return abs(math.log(em / m)) + abs(math.log(en / n))
+
+
+def choose(key: str, m: int, n: int, table: Optional[Table] = None) -> tuple[str, str]:
+    """(method, why) for one (m, n) matrix (either orientation) on the device ``key``."""
+    m, n = max(m, n), min(m, n)
+    table = load_table() if table is None else table
+    entries = table.get("devices", {}).get(key, {}).get("entries", [])
+    if not entries or m < 1 or n < 1:
+        return RULE_METHOD, f"rule: no measurements for {key!r}"
+    nearest = min(entries, key=lambda e: _shape_distance(e, m, n))
+    best: Optional[tuple[float, str]] = None
+    for name, row in nearest.get("methods", {}).items():
+        if name not in CANDIDATES or not row.get("err_over_bar", math.inf) <= 1.0:
+            continue
+        t = max(row.get("time_s", math.inf), row.get("time_s_fallback", 0.0))
+        if best is None or (t, name) < best:
+            best = (t, name)
+    if best is None:
+        return RULE_METHOD, f"rule: no method met the bar at {tuple(nearest['shape'])} on {key!r}"
+    return best[1], f"measured at {tuple(nearest['shape'])} on {key!r}: {best[0] * 1e3:.3g} ms"
+
+
+def merge_measurements(table: Table, key: str, rows: list[dict], source: str) -> Table:
+    """``table`` with device ``key``'s entries replaced by benchmarks/spectral.py ``rows``
+    (dicts with shape, method, time_s, err_over_bar and, for gram32, time_s_fallback)."""
+    entries: dict[tuple[int, int], dict] = {}
+    for row in rows:
+        if row["method"] not in CANDIDATES:
+            continue
+        m, n = max(row["shape"]), min(row["shape"])
+        entry = entries.setdefault((m, n), {"shape": [m, n], "methods": {}})
+        kept = {k: row[k] for k in ("time_s", "time_s_fallback", "err_over_bar") if k in row}
+        old = entry["methods"].get(row["method"])
+        # both orientations of a shape land here: keep the slower time, the larger error
+        if old is not None:
+            kept["time_s"] = max(kept["time_s"], old["time_s"])
+            kept["err_over_bar"] = max(kept["err_over_bar"], old["err_over_bar"])
+            if "time_s_fallback" in old:
+                kept["time_s_fallback"] = max(kept.get("time_s_fallback", 0.0), old["time_s_fallback"])
+        entry["methods"][row["method"]] = kept
+    out = {"version": 1, "devices": dict(table.get("devices", {}))}
+    out["devices"][key] = {"source": source, "torch": torch.__version__,
+                           "entries": sorted(entries.values(), key=lambda e: e["shape"])}
+    return out

@@ -1,0 +1,64 @@
+"""benchmarks/gpu_acceptance.py: the dry run prints the plan anywhere; without CUDA a real run
+stops at once; the report renders the key ratios from spectral rows."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_acceptance  # noqa: E402
+
+
+def test_dry_run_prints_the_plan_and_exits_0():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_acceptance.py", "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("env", "spectral", "memory", "trainer", "deepspeed", "examples", "scaling"):
+        assert f". {name} (timeout" in proc.stdout
+    assert "benchmarks/memory.py --layers 7b --world 1 --device cuda --json" in proc.stdout
+    assert "deepspeed_zero1.yaml" in proc.stdout and "deepspeed_zero3.yaml" in proc.stdout
+    assert "--stop_at_step 6" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_without_cuda_a_real_run_stops_at_once(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_acceptance.py", "--out", str(tmp_path / "r")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no CUDA device is visible" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_sections_continue_after_a_failure(tmp_path):
+    ok = gpu_acceptance.Section("a", "ok", [[sys.executable, "-c", "print('hi')"]], 30)
+    bad = gpu_acceptance.Section("b", "fails", [[sys.executable, "-c", "import sys; sys.exit(3)"],
+                                                [sys.executable, "-c", "print('never')"]], 30)
+    slow = gpu_acceptance.Section("c", "times out", [[sys.executable, "-c", "import time; time.sleep(30)"]], 2)
+    import time
+
+    deadline = time.monotonic() + 60
+    for s in (bad, slow, ok):
+        gpu_acceptance.run_section(s, deadline, tmp_path / "log.txt", {})
+    assert bad.result["status"] == "failed (rc 3)" and len(bad.result["runs"]) == 1
+    assert slow.result["status"] == "timeout"
+    assert ok.result["status"] == "ok" and ok.result["runs"][0]["stdout_tail"].strip() == "hi"
+
+
+def test_report_quotes_the_key_ratios():
+    rows = []
+    for shape in gpu_acceptance.KEY_SHAPES:
+        rows += [{"shape": list(shape), "method": "ns5", "time_s": 0.004, "ratio_to_ns5": 1.0, "err_over_bar": 6.0},
+                 {"shape": list(shape), "method": "eigh", "time_s": 0.030, "ratio_to_ns5": 7.5, "err_over_bar": 1e-6},
+                 {"shape": list(shape), "method": "tracked_ns", "time_s": 0.002, "ratio_to_ns5": 0.5, "err_over_bar": 2.0}]
+    sec = gpu_acceptance.Section("spectral", "x", [], 1, {"status": "ok", "seconds": 1, "data": {"rows": rows}})
+    args = argparse.Namespace(out="o", quick=False)
+    md = gpu_acceptance.markdown([sec], args, 10)
+    # tracked_ns is faster but fails the bar here, so eigh is quoted
+    assert "- 2048×5461: fastest within the bar eigh 7.50× NS5; eigh 7.50×" in md
+    assert "- 4096×11008: fastest within the bar eigh 7.50× NS5" in md

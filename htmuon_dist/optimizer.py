@@ -27,7 +27,7 @@ from . import functional as F
 from .distributed.backends import describe_params, zero
 from .distributed.engine import ExchangeEngine, SpectralSpec
 from .integrations import install_guards
-from .spectral import get_method, validate_power
+from .spectral import get_method, grouped as spectral_grouped, validate_power
 
 _HTMUON_KEYS = (
     "lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval",
@@ -340,8 +340,10 @@ class HTMuon(Optimizer):
         wire = self.comm_dtype
         elem = (torch.empty(0, dtype=wire).element_size() if wire is not None
                 else max((p.element_size() for p in params), default=4))
-        bound = max((entry[0].memory_bound(wire_bytes=elem) for entry in self._engines.values()),
-                    default=0)
+        on_cuda = any(p.is_cuda for p in params)
+        lanes = spectral_grouped.DEFAULT_STREAMS if on_cuda else 1
+        bound = max((entry[0].memory_bound(wire_bytes=elem, lanes=lanes)
+                     for entry in self._engines.values()), default=0)
         local = [_local(p) for g in self.param_groups for p in g["params"]]
         largest = max((t.numel() for t in local), default=0)
         adamw = [_local(p) for g in self.param_groups if not g["htmuon"] for p in g["params"]]

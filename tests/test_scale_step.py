@@ -22,7 +22,7 @@ from multirank import run_ranks
 from test_distributed import OPT, PER_RANK_BATCH, assert_same_params, reference_run
 
 MiB = 1 << 20
-BF16_WIRE_TOL = 2e-2
+BF16_WIRE_TOL = 5e-3  # measured 9e-4 after 5 steps at W = 3 (DDP) against the one-process run
 # A LLaMA-1B layer set scaled down 16x per side: 4 x 2048², 2 x 5461x2048, 2048x5461, 32000x2048.
 SMALL_1B = [(128, 128)] * 4 + [(341, 128)] * 2 + [(128, 341), (2000, 128)]
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from ..spectral import method_cost, method_workspace, spectral_power
+from ..spectral import method_cost, method_workspace, spectral_power_groups
 from .layout import Range, ShardLayout, gather_sources, validate_ranges
 from .planner import Plan, make_plan
 
@@ -401,20 +401,20 @@ class ExchangeEngine:
         return batches, pending.sent
 
     def _compute(self, batches: dict[tuple, tuple[list[int], torch.Tensor]], specs) -> dict[int, torch.Tensor]:
-        """``spectral_power`` of every owned matrix, same-shape ones batched within the
-        workspace budget; each group's inputs are freed once its results exist. Results are
-        (m, n) in the wire dtype."""
-        results: dict[int, torch.Tensor] = {}
-        for key in list(batches):
-            idx, batch = batches.pop(key)
-            (m, n), spec = key
+        """``spectral_power`` of every owned matrix: same-shape ones batched within the
+        workspace budget, the batches run by :func:`spectral_power_groups` (concurrently on
+        CUDA streams, in order on CPUs). Results are (m, n) in the wire dtype."""
+        jobs, members = [], []
+        for (shape, spec), (idx, batch) in batches.items():
+            m, n = shape
             per = max(1, int(self.workspace_bytes // max(method_workspace(spec.method, m, n), 1)))
             for a in range(0, len(idx), per):
-                out = spectral_power(batch[a : a + per], spec.power, spec.method, spec.rtol)
-                for j, i in enumerate(idx[a : a + per]):
-                    results[i] = out[j]
-            del batch
-        return results
+                jobs.append((batch[a : a + per], spec.power, spec.method, spec.rtol))
+                members.append(idx[a : a + per])
+        batches.clear()  # the jobs hold the inputs now; each goes with its job
+        outs = spectral_power_groups(jobs)
+        del jobs
+        return {i: out[j] for idx, out in zip(members, outs) for j, i in enumerate(idx)}
 
     def _own_pieces(self, bucket, results: dict[int, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
         items = []
@@ -468,7 +468,7 @@ class ExchangeEngine:
 
     # -- memory contract --------------------------------------------------------------------
 
-    def memory_bound(self, rank: Optional[int] = None, wire_bytes: int = 4) -> int:
+    def memory_bound(self, rank: Optional[int] = None, wire_bytes: int = 4, lanes: int = 1) -> int:
         """Peak bytes of the step's temporaries on ``rank`` (default: this rank), from the plan.
 
         With e = ``wire_bytes`` and, per bucket k on the rank: O_k owned elements (whole
@@ -477,7 +477,8 @@ class ExchangeEngine:
             peak = max over k of  e·G_{k+1} + max(2·e·O_k + W_k,  e·O_k + e·S_k)
                               and e·S_k + e·O_{k+1} + e·G_{k+1}
         (when the wire is narrower than float32, the float32 product adds 4·(m·n) per batch
-        to W_k). Parameters, gradients and optimizer state are not included.
+        to W_k; with ``lanes`` concurrent CUDA streams, W_k is ``lanes`` batches' workspace).
+        Parameters, gradients and optimizer state are not included.
         """
         r = self.rank if rank is None else rank
         buckets = list(self.plan.buckets)
@@ -508,7 +509,7 @@ class ExchangeEngine:
             nxt_o = own[k + 1] if k + 1 < len(buckets) else 0
             e = wire_bytes
             peak = max(peak,
-                       e * nxt_g + max(2 * e * own[k] + work[k], e * own[k] + e * sca[k]),
+                       e * nxt_g + max(2 * e * own[k] + lanes * work[k], e * own[k] + e * sca[k]),
                        e * sca[k] + e * nxt_o + e * nxt_g)
         return int(peak)
 

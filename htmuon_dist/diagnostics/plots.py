@@ -73,6 +73,7 @@ def plot_esd_fits(entries: Sequence[tuple[str, torch.Tensor, SpectralStats]], ou
     if plt is None:
         return "no ESD plot: matplotlib is not installed (pip install matplotlib)"
     import numpy as np
+    from matplotlib.ticker import NullFormatter
 
     n = len(entries)
     cols = min(3, n)
@@ -94,6 +95,7 @@ def plot_esd_fits(entries: Sequence[tuple[str, torch.Tensor, SpectralStats]], ou
             ax.axvline(st.xmin, color="r", ls="--", lw=0.9, label=f"x_min (tail {st.num_tail})")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on narrow ranges
         ax.set_title(title, fontsize=8)
         ax.set_xlabel("eigenvalue of WᵀW", fontsize=8)
         ax.legend(fontsize=7)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -129,6 +130,26 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _run_child(cmd: list[str], log) -> int:
+    """Runs one training; a SIGTERM/Ctrl-C of the sweep also stops the run it is waiting on."""
+    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+
+    def stop(signum, frame):
+        child.terminate()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_sweep(args, extra, grids, seeds, work: Path) -> list[dict[str, Any]]:
     runs = []
     total = sum(len(v) for v in grids.values()) * len(seeds)
@@ -146,8 +167,7 @@ def run_sweep(args, extra, grids, seeds, work: Path) -> list[dict[str, Any]]:
                     (run_dir / "summary.json").unlink(missing_ok=True)
                     t0 = time.perf_counter()
                     with open(run_dir / "train.log", "w") as log:
-                        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                             env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+                        rc = _run_child(cmd, log)
                     marker.write_text(json.dumps(cmd[1:]))
                     print(f"[{done}/{total}] {opt} lr {lr:g} seed {seed}: rc {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
                 if not (run_dir / "metrics.jsonl").exists():
@@ -195,17 +215,18 @@ def verdict(runs, best: dict[str, Any], a: str = "htmuon", b: str = "muon") -> s
     spread = max(best[a]["std"], best[b]["std"])
     t = mean / se if se > 0 else math.inf
     if abs(t) < 2:
-        head = (f"**No: at this scale HTMuon does not measurably beat Muon.** The difference "
-                f"is within the noise")
+        head = (f"**No measurable difference: at this scale {a} does not beat {b} beyond the seed noise** "
+                f"(|t| < 2)")
     elif mean > 0:
-        head = f"**Yes: HTMuon beats Muon at this scale** (lower perplexity on every paired comparison's mean)"
+        head = f"**Yes: {a} beats {b} at this scale** (|t| >= 2)"
     else:
-        head = f"**No: Muon beats HTMuon at this scale**"
-    return (f"{head}: Muon's perplexity minus HTMuon's, paired by seed over {len(diffs)} seeds, is "
+        head = f"**No: {b} beats {a} at this scale** (|t| >= 2)"
+    return (f"{head}. {b}'s eval perplexity minus {a}'s, paired by seed over {len(diffs)} seeds, is "
             f"{mean:+.2f} ± {std:.2f} (std; standard error {se:.2f}, t = {t:.1f}); the seed-to-seed std "
-            f"at the best lr is up to {spread:.2f}, so the mean difference is {abs(mean) / spread if spread > 0 else math.inf:.1f}x "
-            f"the seed spread. Caveat: each best lr is picked on the same seeds it is scored on, which "
-            f"favours every optimizer a little (more the noisier its sweep).")
+            f"at the best lr is up to {spread:.2f}, so the mean difference is "
+            f"{abs(mean) / spread if spread > 0 else math.inf:.1f}x the seed spread. Caveat: each best lr is "
+            f"picked on the same seeds it is scored on, which favours every optimizer a little (more the "
+            f"noisier its sweep).")
 
 
 def plots(runs, best, out: Path) -> list[str]:
@@ -271,6 +292,8 @@ def write_report(args, argv, runs, summary, grids, seeds, out: Path, wall_s: flo
         lines.append(f"| {opt} | {b['lr']:g} | {b['mean']:.2f} ± {b['std']:.2f} | {b['n']} | "
                      f"{', '.join(f'{p:.2f}' for p in b['ppl'])} | {a} | {'yes' if b['edge'] else 'no'} |")
     lines += ["", "## HTMuon vs Muon", "", verdict(runs, best), ""]
+    if "htnormuon" in best and "normuon" in best:
+        lines += ["## HTNorMuon vs NorMuon", "", verdict(runs, best, "htnormuon", "normuon"), ""]
     esd = [r["esd_seconds"] for r in runs if r["esd_seconds"]]
     train = [r["train_seconds"] for r in runs if r.get("train_seconds")]
     if esd and train:

@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .esd import SpectralStats, eigenvalues, fit_power_law, spectral_stats  # noqa: F401
+from .esd import SpectralStats, eigenvalues, stats_from_eigenvalues
 from .monitor import is_hidden, matrix_type, short_name
 
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     for name, tensor in iter_matrices(files, args.match):
         W = tensor.to(device)
         lam = eigenvalues(W)
-        st = spectral_stats(W, args.min_tail)
+        st = stats_from_eigenvalues(lam, args.min_tail)
         shape = "x".join(map(str, tensor.shape))
         print(f"{short_name(name)[:44]:44} {shape:>12} {_fmt(st.alpha, 2):>7} {_fmt(st.xmin):>9} {_fmt(st.ks_distance):>6} "
               f"{st.num_tail:>5} {_fmt(st.stable_rank, 1):>8} {_fmt(st.spectral_norm, 2):>8} {_fmt(st.alpha_weighted, 2):>7}", flush=True)

@@ -131,7 +131,11 @@ def spectral_stats(W: torch.Tensor, min_tail: Optional[int] = None) -> SpectralS
         W: a (m, n) matrix (or a >= 2-D weight, viewed as (shape[0], prod(rest))).
         min_tail: see :func:`fit_power_law`.
     """
-    lam = eigenvalues(W)
+    return stats_from_eigenvalues(eigenvalues(W), min_tail)
+
+
+def stats_from_eigenvalues(lam: torch.Tensor, min_tail: Optional[int] = None) -> SpectralStats:
+    """:func:`spectral_stats` from the ascending eigenvalues of WᵀW (as :func:`eigenvalues` returns)."""
     lam_max = float(lam[-1]) if lam.numel() else 0.0
     nonzero = lam[lam > _ZERO_RTOL * lam_max] if lam_max > 0 else lam[:0]
     alpha, xmin, D, ntail = fit_power_law(nonzero, min_tail)

@@ -110,8 +110,9 @@ def train_command(args, extra: list[str], opt: str, lr: float, seed: int, run_di
     return cmd + extra
 
 
-def load_run(run_dir: Path) -> dict[str, Any]:
-    """Final eval perplexity, the train-loss curve and the mean hidden-matrix alpha curve."""
+def load_run(run_dir: Path) -> Optional[dict[str, Any]]:
+    """Final eval perplexity, the train-loss curve and the mean hidden-matrix alpha curve; None
+    for a run that neither finished nor diverged."""
     from htmuon_dist.training.metrics import read_metrics
 
     summary_path = run_dir / "summary.json"
@@ -126,6 +127,12 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         out.update(eval_ppl=s.get("eval_ppl", math.inf), eval_loss=s.get("eval_loss"), train_seconds=s.get("train_seconds"),
                    diverged=False)
     else:
+        log = run_dir / "train.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        # The trainer's own stop on a non-finite loss (or HTMuon's on a non-finite gradient);
+        # anything else without a summary is unfinished or crashed and is left out.
+        if "FloatingPointError" not in text:
+            return None
         out.update(eval_ppl=math.inf, eval_loss=None, train_seconds=None, diverged=True)
     return out
 
@@ -170,9 +177,12 @@ def run_sweep(args, extra, grids, seeds, work: Path) -> list[dict[str, Any]]:
                         rc = _run_child(cmd, log)
                     marker.write_text(json.dumps(cmd[1:]))
                     print(f"[{done}/{total}] {opt} lr {lr:g} seed {seed}: rc {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
-                if not (run_dir / "metrics.jsonl").exists():
+                loaded = load_run(run_dir) if (run_dir / "metrics.jsonl").exists() else None
+                if loaded is None:
+                    if not args.report_only:
+                        print(f"  {run_dir}: no summary and no divergence in train.log: left out (see the log)", flush=True)
                     continue
-                runs.append({"optimizer": opt, "lr": lr, "seed": seed, "dir": str(run_dir), **load_run(run_dir)})
+                runs.append({"optimizer": opt, "lr": lr, "seed": seed, "dir": str(run_dir), **loaded})
     return runs
 
 
@@ -271,7 +281,8 @@ def write_report(args, argv, runs, summary, grids, seeds, out: Path, wall_s: flo
     cmd = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
     lines = [f"# Optimizer comparison: {args.model} LLaMA, {args.dataset}", "",
              f"Command: `{cmd}`", "",
-             f"{len(runs)} runs, seeds {seeds}, sweep wall time {wall_s / 60:.1f} min. Example run command: "
+             f"{len(runs)} runs, seeds {seeds}" + ("" if args.report_only else f", sweep wall time {wall_s / 60:.1f} min") +
+             ". Example run command: "
              f"`{' '.join(shlex.quote(c) for c in train_command(args, [], 'htmuon', 0.05, 0, Path('RUN')))}`", "",
              "## Eval perplexity per lr (mean ± std over seeds; inf = a seed diverged)", "",
              "| optimizer | " + " | ".join(f"lr #{i + 1}" for i in range(max(len(v) for v in grids.values()))) + " |",

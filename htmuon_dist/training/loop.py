@@ -209,6 +209,8 @@ def run(cfg: Config) -> dict[str, Any]:
                   _trainer_state(cfg, model_cfg, strategy, world, at, tokens), t.save_total_limit)
 
     esd = None
+    if t.esd_steps and strategy == "deepspeed":
+        raise ConfigError("--esd_steps is not supported under DeepSpeed ZeRO; use FSDP2, FSDP1, DDP or one process, or --esd_steps 0")
     if t.esd_steps:  # ESD statistics, each matrix on its owner rank (docs/diagnostics.md)
         from htmuon_dist.diagnostics.monitor import EsdMonitor
         from .optim import clean_name

@@ -108,5 +108,8 @@ def test_degenerate_inputs():
     st = spectral_stats(low_rank)
     assert st.num_evals == 3  # the 37 rounding-noise eigenvalues are not part of any tail
     assert spectral_stats(torch.zeros(0, 4)).num_evals == 0
+    nonfinite = torch.ones(6, 4)
+    nonfinite[2, 1] = float("nan")
+    assert math.isnan(spectral_stats(nonfinite).alpha) and spectral_stats(nonfinite).num_evals == 0
     with pytest.raises(ValueError, match="W: expected a matrix"):
         spectral_stats(torch.ones(5))

@@ -131,6 +131,11 @@ def spectral_stats(W: torch.Tensor, min_tail: Optional[int] = None) -> SpectralS
         W: a (m, n) matrix (or a >= 2-D weight, viewed as (shape[0], prod(rest))).
         min_tail: see :func:`fit_power_law`.
     """
+    if W.dim() >= 2 and not bool(torch.isfinite(W.detach()).all()):
+        # A diverged run: report NaN (the trainer's loss check names the problem) instead of
+        # failing inside eigvalsh with a convergence error.
+        nan = math.nan
+        return SpectralStats(nan, nan, nan, 0, 0, nan, nan, nan, nan)
     return stats_from_eigenvalues(eigenvalues(W), min_tail)
 
 

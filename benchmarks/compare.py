@@ -210,6 +210,10 @@ def summarise(runs: list[dict[str, Any]], grids: dict[str, list[float]]) -> dict
     return {"table": table, "best": best}
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 10: ~2).
+_T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
 def verdict(runs, best: dict[str, Any], a: str = "htmuon", b: str = "muon") -> str:
     """Paired by seed (same init and data order): mean and std of ppl_b - ppl_a at each one's best lr."""
     if a not in best or b not in best:
@@ -223,14 +227,18 @@ def verdict(runs, best: dict[str, Any], a: str = "htmuon", b: str = "muon") -> s
     mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
     se = std / math.sqrt(len(diffs))
     spread = max(best[a]["std"], best[b]["std"])
-    t = mean / se if se > 0 else math.inf
-    if abs(t) < 2:
+    t = mean / se if se > 0 else math.copysign(math.inf, mean)
+    crit = _T_975.get(len(diffs) - 1, 2.0)  # two-sided 95% for a paired t-test with n-1 dof
+    wins = sum(d > 0 for d in diffs)
+    if abs(t) < crit:
         head = (f"**No measurable difference: at this scale {a} does not beat {b} beyond the seed noise** "
-                f"(|t| < 2)")
+                f"(|t| = {abs(t):.2f} < {crit:.2f}, the 95% paired t threshold for {len(diffs)} seeds; "
+                f"{a} lower on {wins} of {len(diffs)} seeds)")
     elif mean > 0:
-        head = f"**Yes: {a} beats {b} at this scale** (|t| >= 2)"
+        head = f"**Yes: {a} beats {b} at this scale** (|t| = {abs(t):.2f} >= {crit:.2f}; lower on {wins} of {len(diffs)} seeds)"
     else:
-        head = f"**No: {b} beats {a} at this scale** (|t| >= 2)"
+        head = (f"**No: {b} beats {a} at this scale** (|t| = {abs(t):.2f} >= {crit:.2f}; {a} lower on "
+                f"{wins} of {len(diffs)} seeds)")
     return (f"{head}. {b}'s eval perplexity minus {a}'s, paired by seed over {len(diffs)} seeds, is "
             f"{mean:+.2f} ± {std:.2f} (std; standard error {se:.2f}, t = {t:.1f}); the seed-to-seed std "
             f"at the best lr is up to {spread:.2f}, so the mean difference is "
@@ -279,11 +287,15 @@ def plots(runs, best, out: Path) -> list[str]:
 def write_report(args, argv, runs, summary, grids, seeds, out: Path, wall_s: float) -> str:
     table, best = summary["table"], summary["best"]
     cmd = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
+    previous = out / "compare.json"
+    if args.report_only and previous.exists():  # keep what the sweep itself recorded
+        old = json.loads(previous.read_text())
+        cmd, wall_s = old.get("command", cmd), old.get("wall_s", math.nan)
     lines = [f"# Optimizer comparison: {args.model} LLaMA, {args.dataset}", "",
              f"Command: `{cmd}`", "",
-             f"{len(runs)} runs, seeds {seeds}" + ("" if args.report_only else f", sweep wall time {wall_s / 60:.1f} min") +
+             f"{len(runs)} runs, seeds {seeds}" + (f", sweep wall time {wall_s / 60:.1f} min" if math.isfinite(wall_s) else "") +
              ". Example run command: "
-             f"`{' '.join(shlex.quote(c) for c in train_command(args, [], 'htmuon', 0.05, 0, Path('RUN')))}`", "",
+             f"`{' '.join(shlex.quote(c) for c in train_command(args, [], 'htmuon', 0.05, 0, Path('RUN'))).replace(sys.executable, 'python').replace(str(ROOT) + '/', '')}`", "",
              "## Eval perplexity per lr (mean ± std over seeds; inf = a seed diverged)", "",
              "| optimizer | " + " | ".join(f"lr #{i + 1}" for i in range(max(len(v) for v in grids.values()))) + " |",
              "|---|" + "---|" * max(len(v) for v in grids.values())]
@@ -312,7 +324,7 @@ def write_report(args, argv, runs, summary, grids, seeds, out: Path, wall_s: flo
     lines += ["", "Plots: `loss_best_lr.png` (train loss), `alpha_over_training.png` (mean α of the hidden matrices).", ""]
     text = "\n".join(lines)
     (out / "compare.md").write_text(text)
-    (out / "compare.json").write_text(json.dumps({"command": cmd, "grids": grids, "seeds": seeds, "runs": runs,
+    (out / "compare.json").write_text(json.dumps({"command": cmd, "wall_s": wall_s, "grids": grids, "seeds": seeds, "runs": runs,
                                                   "best": best}, indent=1, default=str))
     return text
 
@@ -339,7 +351,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"sweep: {', '.join(f'{o} {g}' for o, g in grids.items())}; seeds {seeds}; runs in {work}", flush=True)
     t0 = time.perf_counter()
     runs = run_sweep(args, extra, grids, seeds, work)
-    wall = time.perf_counter() - t0
+    wall = math.nan if args.report_only else time.perf_counter() - t0
     summary = summarise(runs, grids)
     text = write_report(args, argv, runs, summary, grids, seeds, out, wall)
     made = plots(runs, summary["best"], out)

@@ -29,7 +29,7 @@ def test_best_lr_skips_diverged_and_verdict_says_yes():
     assert best["muon"]["lr"] == 0.02 and best["muon"]["edge"]
     assert best["htmuon"]["mean"] == 101.0 and abs(best["htmuon"]["std"] - 1.0) < 1e-12
     text = compare.verdict(runs, best)
-    assert text.startswith("**Yes: htmuon beats muon") and "+10.17" in text
+    assert text.startswith("**Yes: htmuon beats muon") and "+10.17" in text and "lower on 3 of 3" in text
 
 
 def test_verdict_no_measurable_difference():

@@ -18,7 +18,7 @@ from multirank import run_ranks
 pytestmark = pytest.mark.multirank
 
 
-def _worker(rank, world, backend, optimizer):
+def _one(rank, world, backend, optimizer):
     from htmuon_dist.distributed.owned_map import map_owned
     from htmuon_dist.training.optim import clean_name, matrix_names
 
@@ -46,13 +46,24 @@ def _worker(rank, world, backend, optimizer):
             "shapes": [tuple(s) for s in engine.shapes], "full": {n: full[n] for n in names}}
 
 
-@pytest.mark.parametrize("backend,world,optimizer", [
-    # every backend at W = 2 and 3, each with HTMuon's plan once and with AdamW's once
-    ("fsdp2", 2, "htmuon"), ("fsdp2", 3, "adamw"), ("ddp", 3, "htmuon"), ("ddp", 2, "adamw"),
-    ("fsdp1", 2, "htmuon"), ("fsdp1", 3, "adamw"),
-])
-def test_distributed_stats_equal_single_process(backend, world, optimizer):
-    results = run_ranks(_worker, world, backend, optimizer)
+def _worker(rank, world, cases):
+    # Several backends one after the other in the same gloo group: one spawn per world size.
+    return [_one(rank, world, backend, optimizer) for backend, optimizer in cases]
+
+
+# Every backend at W = 2 and 3, each once with HTMuon's exchange plan and once with AdamW's.
+CASES = {2: [("fsdp2", "htmuon"), ("ddp", "adamw"), ("fsdp1", "htmuon")],
+         3: [("fsdp2", "adamw"), ("ddp", "htmuon"), ("fsdp1", "adamw")]}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_stats_equal_single_process(world):
+    per_rank = run_ranks(_worker, world, CASES[world])
+    for case, (backend, optimizer) in enumerate(CASES[world]):
+        _check([r[case] for r in per_rank], f"{backend}/{optimizer} W={world}")
+
+
+def _check(results, label):
     names = results[0]["names"]
     assert len(names) == 2 * 7 + 2  # 2 layers x (q, k, v, o, gate, up, down) + embedding + head
     # The single-process statistics of the very same weights (rank 0's full copy).
@@ -64,9 +75,9 @@ def test_distributed_stats_equal_single_process(backend, world, optimizer):
         for key, want in reference.items():
             got = row[key]
             if isinstance(want, float) and math.isfinite(want):
-                assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (r, key)
+                assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (label, r, key)
             else:
-                assert got == want, (r, key)
+                assert got == want, (label, r, key)
         # Each rank analysed exactly the matrices it owns, whole, and not the whole model.
         owned = {i for i, o in enumerate(res["owners"]) if o == r}
         assert set(res["seen"]) == owned

@@ -42,7 +42,7 @@ class ModelArguments:
         default=None, metadata={"help": 'JSON object merged into the model config, e.g. \'{"num_hidden_layers": 2}\''}
     )
     activation_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute each decoder layer in backward (less memory, ~30% more compute)"}
+        default=False, metadata={"help": "recompute each decoder layer in backward (less memory, ~30%% more compute)"}
     )
 
 

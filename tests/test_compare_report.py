@@ -44,3 +44,15 @@ def test_lr_grid_defaults_and_errors():
     assert extra == ["--unknown_trainer_flag", "1"]
     grids = compare.lr_grids(args, ["htmuon", "muon"])
     assert grids["muon"] == [0.01, 0.02] and grids["htmuon"] == [0.025, 0.05, 0.1, 0.2]  # tiny: 0.05 x factors
+
+
+def test_scripts_answer_help():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    for script in ("benchmarks/compare.py", "benchmarks/esd_cost.py"):
+        res = subprocess.run([sys.executable, script, "--help"], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+        assert res.returncode == 0 and "usage:" in res.stdout, (script, res.stderr[-1000:])

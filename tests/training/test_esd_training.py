@@ -35,3 +35,16 @@ def test_esd_steps_fsdp2_metrics_png_and_diagnose(cache_dir, tmp_path, capsys):
         name = "model." + key[len("esd/"):-len("/alpha")] + ".weight"
         name = name.replace("model.lm_head", "lm_head")
         assert diag[name] == value, name  # the exported weights are the ones measured at step 4
+
+
+def test_train_help_lists_esd_steps():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    res = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--esd_steps" in res.stdout

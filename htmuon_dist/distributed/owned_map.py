@@ -33,6 +33,9 @@ def map_owned(engine, pieces: Sequence[Optional[torch.Tensor]],
     Returns:
         {matrix index: fn's result} for the matrices this rank owns.
     """
+    native = getattr(engine, "map_owned", None)
+    if native is not None:  # the streaming engine does the same walk itself
+        return native(pieces, lambda i, whole: fn(i, whole.reshape(engine.shapes[i]).float()))
     out: dict[int, Any] = {}
     for bucket in engine.plan.buckets:
         bucket = tuple(i for i in bucket if pieces[i] is not None)

@@ -110,6 +110,16 @@ def train_command(args, extra: list[str], opt: str, lr: float, seed: int, run_di
     return cmd + extra
 
 
+def _final_hidden_mean(rows: list[dict[str, Any]], stat: str) -> Optional[float]:
+    """Mean of ``esd/layers.*/<stat>`` over the hidden matrices in the last ESD row."""
+    esd_rows = [r for r in rows if "esd_alpha_mean" in r]
+    if not esd_rows:
+        return None
+    values = [v for k, v in esd_rows[-1].items()
+              if k.startswith("esd/layers.") and k.endswith("/" + stat) and isinstance(v, (int, float))]
+    return statistics.fmean(values) if values else None
+
+
 def load_run(run_dir: Path) -> Optional[dict[str, Any]]:
     """Final eval perplexity, the train-loss curve and the mean hidden-matrix alpha curve; None
     for a run that neither finished nor diverged."""
@@ -121,6 +131,7 @@ def load_run(run_dir: Path) -> Optional[dict[str, Any]]:
         "loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],
         "alpha": [(r["step"], r["esd_alpha_mean"]) for r in rows if r.get("esd_alpha_mean") is not None],
         "esd_seconds": sum(r.get("esd_seconds", 0.0) for r in rows),
+        "stable_rank": _final_hidden_mean(rows, "stable_rank"),
     }
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
@@ -307,13 +318,15 @@ def write_report(args, argv, runs, summary, grids, seeds, out: Path, wall_s: flo
             cells.append(f"{lr:g}: {val} (n={v['n']}){mark}")
         lines.append(f"| {opt} | " + " | ".join(cells) + " |")
     lines += ["", "## Each optimizer at its best lr", "",
-              "| optimizer | best lr | eval ppl mean ± std | seeds | per-seed ppl | final mean α (hidden) | best lr at grid edge |",
-              "|---|---|---|---|---|---|---|"]
+              "| optimizer | best lr | eval ppl mean ± std | seeds | per-seed ppl | final mean α (hidden) | final mean stable rank (hidden) | best lr at grid edge |",
+              "|---|---|---|---|---|---|---|---|"]
     for opt, b in best.items():
         alphas = [r["alpha"][-1][1] for r in runs if r["optimizer"] == opt and r["lr"] == b["lr"] and r["alpha"]]
         a = f"{statistics.fmean(alphas):.2f}" if alphas else "-"
+        ranks = [r["stable_rank"] for r in runs if r["optimizer"] == opt and r["lr"] == b["lr"] and r.get("stable_rank")]
+        sr = f"{statistics.fmean(ranks):.1f}" if ranks else "-"
         lines.append(f"| {opt} | {b['lr']:g} | {b['mean']:.2f} ± {b['std']:.2f} | {b['n']} | "
-                     f"{', '.join(f'{p:.2f}' for p in b['ppl'])} | {a} | {'yes' if b['edge'] else 'no'} |")
+                     f"{', '.join(f'{p:.2f}' for p in b['ppl'])} | {a} | {sr} | {'yes' if b['edge'] else 'no'} |")
     lines += ["", "## HTMuon vs Muon", "", verdict(runs, best), ""]
     if "htnormuon" in best and "normuon" in best:
         lines += ["## HTNorMuon vs NorMuon", "", verdict(runs, best, "htnormuon", "normuon"), ""]

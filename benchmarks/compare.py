@@ -59,7 +59,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p.add_argument("--micro_batch_size", type=int, default=None, help="sequences per forward (default: the config's)")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the config's)")
     p.add_argument("--eval_tokens", type=int, default=None, help="validation tokens (default: the config's)")
-    p.add_argument("--esd_steps", type=int, default=None, help="ESD alpha every N steps (default: max_steps / 6; 0 = off)")
+    p.add_argument("--esd_steps", type=int, default=None, help="ESD alpha every N steps (default: max_steps / 6, or 1000 with the config's steps; 0 = off)")
     p.add_argument("--launcher", default="python",
                    help='"python" (one process, --parallel none) or a launcher prefix, e.g. '
                         '"accelerate launch --config_file configs/accelerate/fsdp2.yaml"')
@@ -352,8 +352,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if missing:
         raise SystemExit(f"--optimizers: {missing} are not trainer optimizers here ({', '.join(OPTIMIZERS)}); drop them")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if args.max_steps is not None and args.esd_steps is None:
-        args.esd_steps = max(1, args.max_steps // 6)
+    if args.esd_steps is None:  # about 6 points per curve (the reference sizes run 10k+ steps)
+        args.esd_steps = max(1, args.max_steps // 6) if args.max_steps else 1000
     if args.max_steps is not None and args.warmup_steps is None:
         args.warmup_steps = max(1, args.max_steps // 10)  # the config's warmup is for its own step count
     grids = lr_grids(args, optimizers)

@@ -217,7 +217,7 @@ def summarise(runs: list[dict[str, Any]], grids: dict[str, list[float]]) -> dict
         if finite:
             mean, lr = min(finite)
             lrs = sorted(by_lr)
-            best[opt] = {"lr": lr, **by_lr[lr], "edge": lr in (lrs[0], lrs[-1])}
+            best[opt] = {"lr": lr, **by_lr[lr], "edge": (lr in (lrs[0], lrs[-1])) if len(lrs) > 1 else None}
     return {"table": table, "best": best}
 
 
@@ -253,9 +253,10 @@ def verdict(runs, best: dict[str, Any], a: str = "htmuon", b: str = "muon") -> s
     return (f"{head}. {b}'s eval perplexity minus {a}'s, paired by seed over {len(diffs)} seeds, is "
             f"{mean:+.2f} ± {std:.2f} (std; standard error {se:.2f}, t = {t:.1f}); the seed-to-seed std "
             f"at the best lr is up to {spread:.2f}, so the mean difference is "
-            f"{abs(mean) / spread if spread > 0 else math.inf:.1f}x the seed spread. Caveat: each best lr is "
-            f"picked on the same seeds it is scored on, which favours every optimizer a little (more the "
-            f"noisier its sweep).")
+            f"{abs(mean) / spread if spread > 0 else math.inf:.1f}x the seed spread." +
+            (" Caveat: each best lr is picked on the same seeds it is scored on, which favours every "
+             "optimizer a little (more the noisier its sweep)." if best[a]["edge"] is not None or best[b]["edge"] is not None
+             else " Each optimizer ran at one given lr, so no lr was selected on these seeds."))
 
 
 def plots(runs, best, out: Path) -> list[str]:
@@ -326,7 +327,7 @@ def write_report(args, argv, runs, summary, grids, seeds, out: Path, wall_s: flo
         ranks = [r["stable_rank"] for r in runs if r["optimizer"] == opt and r["lr"] == b["lr"] and r.get("stable_rank")]
         sr = f"{statistics.fmean(ranks):.1f}" if ranks else "-"
         lines.append(f"| {opt} | {b['lr']:g} | {b['mean']:.2f} ± {b['std']:.2f} | {b['n']} | "
-                     f"{', '.join(f'{p:.2f}' for p in b['ppl'])} | {a} | {sr} | {'yes' if b['edge'] else 'no'} |")
+                     f"{', '.join(f'{p:.2f}' for p in b['ppl'])} | {a} | {sr} | {'n/a (one lr)' if b['edge'] is None else 'yes' if b['edge'] else 'no'} |")
     lines += ["", "## HTMuon vs Muon", "", verdict(runs, best), ""]
     if "htnormuon" in best and "normuon" in best:
         lines += ["## HTNorMuon vs NorMuon", "", verdict(runs, best, "htnormuon", "normuon"), ""]

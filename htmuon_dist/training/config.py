@@ -135,6 +135,7 @@ class TrainArguments:
     progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process"})
     export_model: bool = field(default=True, metadata={"help": "save_pretrained (safetensors) into output_dir/final_model at the end"})
     plot: bool = field(default=True, metadata={"help": "PNG of train/eval loss at the end (needs matplotlib)"})
+    esd_steps: int = field(default=0, metadata={"help": "every N steps, ESD power-law alpha and spectral stats of every hidden matrix, each on its owner rank (0 = off; see docs/diagnostics.md)"})
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainArguments)
@@ -310,6 +311,8 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
             f"{t.micro_batch_size} x {world_size} processes = {per_step}; change --micro_batch_size "
             f"(divisors that fit: {ok[-6:]}) or --total_batch_size (e.g. {math.ceil(t.total_batch_size / per_step) * per_step})"
         )
+    if t.esd_steps < 0:
+        raise ConfigError(f"--esd_steps must be >= 0 (0 = off), got {t.esd_steps}")
     if d.seq_len < 2:
         raise ConfigError(f"--seq_len must be >= 2, got {d.seq_len}")
     if d.dataset in ("json", "text", "parquet") and not d.data_files:

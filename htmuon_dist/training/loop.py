@@ -213,6 +213,15 @@ def run(cfg: Config) -> dict[str, Any]:
         ckpt.save(accelerator, out, at, model, optimizer, strategy, stream.state_dict(),
                   _trainer_state(cfg, model_cfg, strategy, world, at, tokens), t.save_total_limit)
 
+    esd = None
+    if t.esd_steps and strategy == "deepspeed":
+        raise ConfigError("--esd_steps is not supported under DeepSpeed ZeRO; use FSDP2, FSDP1, DDP or one process, or --esd_steps 0")
+    if t.esd_steps:  # ESD statistics, each matrix on its owner rank (docs/diagnostics.md)
+        from htmuon_dist.diagnostics.monitor import EsdMonitor
+        from .optim import clean_name
+
+        esd = EsdMonitor(optimizer, model, routed, clean_name)
+
     # -- train ----------------------------------------------------------------------------------
     packed = d.packing
     last_step_s, window_tokens, window_start = 0.0, 0, time.perf_counter()
@@ -260,6 +269,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or raise --warmup_steps")
             writer.log(row)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{row['lr']:.2e}", refresh=False)
+        if esd is not None and (step % t.esd_steps == 0 or step == stop):
+            writer.log(esd(step))
         if (t.eval_steps and step % t.eval_steps == 0) or step == t.max_steps:
             eval_loss, n_tok = evaluate(model, evals, n_eval_batches, packed, device, autocast)
             writer.log({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "eval_tokens": n_tok})
@@ -307,6 +318,12 @@ def run(cfg: Config) -> dict[str, Any]:
             msg = plot_losses(out / "metrics.jsonl", out / "loss.png",
                               f"{size_key(m.model)} LLaMA, {t.optimizer}, {strategy} x {world}")
             print(msg or f"loss plot: {out / 'loss.png'}", flush=True)
+        if t.plot and t.esd_steps:
+            from htmuon_dist.diagnostics.plots import plot_alpha_over_steps
+
+            msg = plot_alpha_over_steps(out / "metrics.jsonl", out / "esd_alpha.png",
+                                        f"{size_key(m.model)} LLaMA, {t.optimizer}: ESD alpha per matrix type")
+            print(msg or f"alpha plot: {out / 'esd_alpha.png'}", flush=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if eval_loss is not None:
             print(f"final eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}; "

@@ -83,7 +83,7 @@ class EsdMonitor:
         self.model = model
         self.matrix_names = matrix_names
         self.clean = clean
-        self._own: Optional[tuple[Any, list[str], list[torch.Tensor]]] = None
+        self._own: Optional[tuple[Any, list[str], list[torch.Tensor], list[Any]]] = None
 
     def _engine_and_pieces(self) -> tuple[Any, list[str], list[torch.Tensor]]:
         from ..distributed.owned_map import optimizer_pieces
@@ -97,17 +97,15 @@ class EsdMonitor:
             return opt.engine, names, pieces
         if self._own is None:
             self._own = self._build_engine()
-        engine, names, params = self._own
-        placements = engine._esd_placements
+        engine, names, params, placements = self._own
         pieces = [pl.local_view(p.to_local() if hasattr(p, "to_local") else p) for pl, p in zip(placements, params)]
         return engine, names, pieces
 
-    def _build_engine(self) -> tuple[Any, list[str], list[torch.Tensor]]:
-        """An exchange plan for optimizers without one (AdamW); collective, built once."""
-        from ..distributed.backends import describe_params
+    def _build_engine(self) -> tuple[Any, list[str], list[torch.Tensor], list[Any]]:
+        """An exchange plan for optimizers without one (AdamW), with the names, parameters and
+        placements it covers; collective, built once."""
+        from ..distributed.backends import describe_params, fsdp1
         from ..distributed.engine import ExchangeEngine, SpectralSpec
-
-        from ..distributed.backends import fsdp1
 
         named = [(self.clean(n), p) for n, p in self.model.named_parameters() if self.clean(n) in self.matrix_names]
         names = [n for n, _ in named]
@@ -121,9 +119,9 @@ class EsdMonitor:
             shapes=[pl.shape for pl in described.placements],
             local_ranges=[pl.local_range for pl in described.placements],
             specs=[SpectralSpec(power=0.0, method="eigh")] * len(names), names=names, group=described.group,
+            domains=described.domains,
         )
-        engine._esd_placements = described.placements
-        return engine, names, params
+        return engine, names, params, described.placements
 
     def __call__(self, step: int) -> dict[str, Any]:
         from ..distributed.owned_map import all_results, map_owned

@@ -241,8 +241,9 @@ class ExchangeEngine:
         buckets = [tuple(i for i in b if active[i]) for b in self.plan.buckets]
         return [b for b in buckets if b]
 
-    def _wire(self, bucket: Sequence[int], update: MatrixUpdate) -> torch.dtype:
-        if self.comm_dtype is not None:
+    def _wire(self, bucket: Sequence[int], update: MatrixUpdate, exact: bool = False) -> torch.dtype:
+        """The bucket's wire dtype: ``comm_dtype``, or (unset, or ``exact``) the pieces'."""
+        if self.comm_dtype is not None and not exact:
             return self.comm_dtype
         dtype = update.dtype(bucket[0])
         for i in bucket[1:]:
@@ -314,7 +315,8 @@ class ExchangeEngine:
         self, pieces: Sequence[Optional[torch.Tensor]], fn: Callable[[int, torch.Tensor], Any]
     ) -> dict[int, Any]:
         """Gathers each matrix onto its owner, bucket by bucket, and calls ``fn(i, whole)``
-        there (whole: (m, n) in the pieces' dtype); nothing is sent back. Collective.
+        there (whole: (m, n) in the pieces' dtype, whatever ``comm_dtype`` is: diagnostics
+        see the exact values); nothing is sent back. Collective.
 
         Returns:
             ``{i: fn(i, whole)}`` for the matrices this rank owns.
@@ -323,7 +325,7 @@ class ExchangeEngine:
         specs = self.specs
         out: dict[int, Any] = {}
         for bucket in self._active_buckets([p is not None for p in pieces]):
-            wire = self._wire(bucket, update)
+            wire = self._wire(bucket, update, exact=True)
             pending = self._start_gather(bucket, update, wire)
             batches, _ = self._finish_gather(bucket, update, specs, wire, pending)
             for members, batch in batches.values():

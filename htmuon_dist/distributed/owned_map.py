@@ -23,8 +23,8 @@ def map_owned(engine, pieces: Sequence[Optional[torch.Tensor]],
     matrices, exactly as in the optimizer step.
 
     Args:
-        engine: the optimizer's exchange engine (``opt.engine``; uses ``plan.buckets``,
-            ``plan.owners``, ``shapes`` and its gather helpers).
+        engine: the optimizer's exchange engine (``opt.engine``), whose
+            :meth:`~htmuon_dist.distributed.engine.ExchangeEngine.map_owned` does the walk.
         pieces: per matrix, this rank's flat piece of the tensor to analyse (numel = its range
             length; may be empty), or None to skip the matrix (must be None on every rank).
         fn: called with (matrix index, the whole matrix as a (m, n) float32 tensor on the
@@ -33,20 +33,7 @@ def map_owned(engine, pieces: Sequence[Optional[torch.Tensor]],
     Returns:
         {matrix index: fn's result} for the matrices this rank owns.
     """
-    native = getattr(engine, "map_owned", None)
-    if native is not None:  # the streaming engine does the same walk itself
-        return native(pieces, lambda i, whole: fn(i, whole.reshape(engine.shapes[i]).float()))
-    out: dict[int, Any] = {}
-    for bucket in engine.plan.buckets:
-        bucket = tuple(i for i in bucket if pieces[i] is not None)
-        if not bucket:
-            continue
-        pending = engine._start_gather(bucket, pieces)
-        wholes, _ = engine._finish_gather(bucket, pieces, pending)
-        for i in sorted(wholes):
-            out[i] = fn(i, wholes[i].view(engine.shapes[i]).float())
-        del wholes  # free the bucket before gathering the next
-    return out
+    return engine.map_owned(pieces, lambda i, whole: fn(i, whole.reshape(engine.shapes[i]).float()))
 
 
 def all_results(local: dict[int, Any], group: Optional[dist.ProcessGroup] = None) -> dict[int, Any]:

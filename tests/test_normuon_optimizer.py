@@ -191,3 +191,13 @@ def test_one_process_normuon_step_stays_within_the_memory_contract(method, power
             peak = allocated_peak(opt.step)
     bound = opt.memory_bound()
     assert 0 < peak <= bound, (peak, bound)
+
+
+def test_deepspeed_elastic_checkpoint_is_refused_with_normuon():
+    from htmuon_dist.integrations.deepspeed import DeepSpeedConfigError, check_config
+
+    cfg = {"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}
+    normuon = HTMuon([torch.nn.Parameter(torch.zeros(4, 3))], normuon=True)
+    with pytest.raises(DeepSpeedConfigError, match="elastic_checkpoint"):
+        check_config(cfg, normuon, on_cpu=False)
+    check_config(cfg, HTMuon([torch.nn.Parameter(torch.zeros(4, 3))]), on_cpu=False)  # no row state

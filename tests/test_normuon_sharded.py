@@ -3,8 +3,13 @@ single-process optimizer (gloo, CPU), v is identical on every rank of the exchan
 (also ranks that hold no piece of a matrix, also with a bf16 wire), the traffic is the
 engine's formula plus the row state, and a DCP checkpoint saved at W loads at W'.
 
-Tolerances as tests/test_distributed.py: 1e-5 relative per parameter (the residual is the
-order of the gradient sums); v to 1e-4 relative (it is a mean of squares of the update).
+Tolerances: 5e-5 relative per parameter for the DTensor/DDP runs (tests/test_distributed.py
+uses 1e-5 for HTMuon; the residual is the order of the gradient sums). One matrix of the tiny
+LLaMA under HTNorMuon is ill-conditioned: in ONE process, multiplying every gradient by
+(1 + 1e-7·N(0, 1)) moves layers.1.self_attn.q_proj by 1.4e-5 relative after 3 steps (plain
+HTMuon: 4e-7), and the sharded run lands at 1.3e-5, so 1e-5 would test the conditioning, not
+the sharding. A sharding bug (v not delivered, wrong row, wrong order) shows up at >= 1e-3,
+and v itself must be bit-identical on every rank. v to 1e-4 relative against one process.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from test_distributed import OPT, PER_RANK_BATCH, assert_same_params, expected_b
 
 pytestmark = pytest.mark.multirank
 
+TOL = 5e-5
 HTNORMUON = dict(OPT, normuon=True, normuon_beta2=0.9)                      # p = 0.125, eigh
 NORMUON = dict(OPT, power=0.0, method="ns5", normuon=True, normuon_beta2=0.9)
 
@@ -107,7 +113,7 @@ def test_sharded_normuon_equals_single_process(backend, world, kind, opt_kwargs)
     want, want_v = reference(kind, world, steps, accum, opt_kwargs)
     results = run_ranks(worker, world, kind, backend, steps, accum, opt_kwargs)
     for r in results:
-        assert_same_params(r["params"], want)
+        assert_same_params(r["params"], want, tol=TOL)
     _assert_v(results, want_v)
     # traffic: the engine's formula plus, per owned matrix, its m float32 row values to each
     # of the W - 1 other ranks (sent even to ranks whose piece is empty)
@@ -224,5 +230,5 @@ def test_v_saved_at_w2_loads_at_w3_and_continues_exactly(tmp_path):
         # the loaded v is the saved one, whole, on every rank of the new world size
         for name, v in saved[0]["v"].items():
             assert torch.equal(r["loaded_v"][name], v), name
-        assert_same_params(r["params"], want)
+        assert_same_params(r["params"], want, tol=TOL)
     _assert_v(loaded, _row_states(opt))

@@ -101,12 +101,13 @@ def _assert_v(results, want_v, tol=1e-4):
 
 
 @pytest.mark.parametrize("backend,world,kind,opt_kwargs", [
+    ("fsdp2", 1, "llama", NORMUON),
     ("fsdp2", 3, "llama", HTNORMUON),
     ("fsdp1", 2, "llama", NORMUON),
     ("ddp", 4, "llama", HTNORMUON),
     ("fsdp2", 4, "odd_no_empty", NORMUON),   # a 3-row matrix: rank 3 holds none of it
     ("fsdp1", 4, "odd", dict(HTNORMUON, interval=2)),  # straddling pieces, (0, 16), interval
-], ids=["fsdp2-w3-htnormuon", "fsdp1-w2-normuon", "ddp-w4-htnormuon", "fsdp2-w4-odd-normuon",
+], ids=["fsdp2-w1-normuon", "fsdp2-w3-htnormuon", "fsdp1-w2-normuon", "ddp-w4-htnormuon", "fsdp2-w4-odd-normuon",
         "fsdp1-w4-odd-interval"])
 def test_sharded_normuon_equals_single_process(backend, world, kind, opt_kwargs):
     steps, accum = 3, (2 if world == 2 else 1)

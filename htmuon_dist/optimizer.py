@@ -5,6 +5,9 @@ For each hidden matrix W (m, n) with gradient G, at step t:
     M  = lerp(G, B, beta)  (Nesterov) or B
     O  = U Σ^p V^T  for  M = U Σ V^T           computed once, on the matrix's owner rank
     W <- W (1 - lr·wd) - lr · max(1, m/n)^0.5 · O
+With ``normuon=True`` (NorMuon at p = 0, HTNorMuon at p > 0) the owner also rescales O's rows
+by a per-row second moment v (:func:`htmuon_dist.normuon.normuon_rescale`) before the scale;
+v is replicated on every rank of the exchange group (docs/distributed.md).
 Every other parameter gets bias-corrected AdamW with decoupled weight decay.
 
 This module is the ``torch.optim.Optimizer`` facade: param groups, state and validation. The
@@ -27,12 +30,16 @@ from . import functional as F
 from .distributed.backends import describe_params, zero
 from .distributed.engine import ExchangeEngine, SpectralSpec
 from .integrations import install_guards
-from .spectral import get_method, grouped as spectral_grouped, validate_power
+from .normuon import normuon_rescale
+from .spectral import check_power, get_method, grouped as spectral_grouped, validate_power
 
 _HTMUON_KEYS = (
     "lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval",
-    "adjust_lr_fn",
+    "adjust_lr_fn", "normuon", "normuon_beta2",
 )
+# The key of NorMuon's per-row second moment in a parameter's state: float32, one value per
+# row of the matrix (under ZeRO, the rows of every matrix of the flat partition, in order).
+NORMUON_STATE = "normuon_v"
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 # What the interval variant runs between its exact steps: Muon's Newton-Schulz polar factor.
 _MUON_SPEC = SpectralSpec(power=0.0, method="ns5", rtol=None)
@@ -71,6 +78,13 @@ class HTMuon(Optimizer):
         adjust_lr_fn: the lr scale per matrix, as torch.optim.Muon: None or "original"
             (``max(1, m/n)^0.5``, the reference's) or "match_rms_adamw" (``0.2·sqrt(max(m,
             n))``, so that an AdamW learning rate carries over).
+        normuon: NorMuon's per-row normalisation of the update (the reference's ``normuon``
+            with power=0 and method="ns5", HTNorMuon with power > 0, any method): the owner
+            keeps ``v <- lerp(v, mean over columns of O², 1 - normuon_beta2)`` per row (no
+            bias correction), divides O's rows by ``sqrt(v + 1e-10)`` and restores O's
+            Frobenius norm; the lr scale above applies after. State: ``"normuon_v"``, float32,
+            one value per row, identical on every rank.
+        normuon_beta2: EMA factor of v, in [0, 1) (the reference: 0.95).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW settings for non-matrix
             parameters (the reference uses lr 1e-3 at 60M-350M, betas (0.9, 0.95), eps 1e-10).
         nonfinite: what a NaN/Inf gradient does: "raise" (FloatingPointError naming the
@@ -102,6 +116,8 @@ class HTMuon(Optimizer):
         rtol: Optional[float] = None,
         interval: Optional[int] = None,
         adjust_lr_fn: Optional[str] = None,
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
@@ -129,6 +145,7 @@ class HTMuon(Optimizer):
         self._htmuon_defaults = dict(
             lr=lr, power=power, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             method=method, rtol=rtol, interval=interval, adjust_lr_fn=adjust_lr_fn,
+            normuon=normuon, normuon_beta2=normuon_beta2,
         )
         self._adamw_defaults = dict(
             lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
@@ -240,6 +257,17 @@ class HTMuon(Optimizer):
                 raise ValueError(
                     f"adjust_lr_fn must be one of {F.ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
                 )
+            check_power(group["method"], group["power"])
+            if not isinstance(group["normuon"], bool):
+                raise ValueError(
+                    f"normuon must be True or False (NorMuon's per-row normalisation), got "
+                    f"{group['normuon']!r}"
+                )
+            beta2 = group["normuon_beta2"]
+            if isinstance(beta2, bool) or not isinstance(beta2, (int, float)) or not 0.0 <= beta2 < 1.0:
+                raise ValueError(
+                    f"normuon_beta2 must be a number in [0, 1) (the reference uses 0.95), got {beta2!r}"
+                )
         else:
             beta1, beta2 = group["betas"]
             if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
@@ -291,7 +319,7 @@ class HTMuon(Optimizer):
         """Builds layouts and the plan lazily: Accelerate swaps parameters after construction.
         Under ZeRO there is one engine per flat partition, built collectively at its first step."""
         key = tuple((id(p), n, id(o)) for p, _, n, o in matrices) + tuple(
-            (g["power"], g["method"], g["rtol"]) for _, g, _, _ in matrices
+            (g["power"], g["method"], g["rtol"], g["normuon"]) for _, g, _, _ in matrices
         )
         if key in self._engines:
             self._engine, self._placements, self.backend = self._engines[key]
@@ -312,6 +340,8 @@ class HTMuon(Optimizer):
             comm_dtype=self.comm_dtype,
             bucket_numel=self.bucket_numel,
             domains=described.domains,
+            extra_numels=[pl.shape[0] if g["normuon"] else 0
+                          for pl, (_, g, _, _) in zip(described.placements, matrices)],
         )
         if described.backend != "zero":  # a new parameter set replaces the old one
             self._engines.clear()
@@ -449,7 +479,18 @@ class HTMuon(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         before = list(self.param_groups)
+        # torch casts floating state to the parameter's dtype; NorMuon's v stays float32 (the
+        # same mapping from saved ids to parameters as torch's).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        row_states = {
+            params[j]: st[NORMUON_STATE]
+            for j, key in enumerate(saved_ids) if j < len(params)
+            for st in [state_dict["state"].get(key, {})] if NORMUON_STATE in st
+        }
         super().load_state_dict(state_dict)
+        for p, v in row_states.items():
+            self.state[p][NORMUON_STATE] = v.detach().to(device=_local(p).device, dtype=torch.float32).clone()
         # torch replaces the group dicts: carry each group's originals over to its new dict.
         by_group = {id(origin[0]): origin for origin in self._origins}
         self._origins = [
@@ -476,6 +517,7 @@ class _MatrixUpdate:
         self.active = list(active)
         self.bufs: list[Optional[torch.Tensor]] = [None] * len(matrices)
         self.grads: list[Optional[torch.Tensor]] = list(grads)
+        self.row_state: list[Optional[torch.Tensor]] = [None] * len(matrices)
         self._device = torch.device("cpu")
         for i, (p, _, _, _) in enumerate(matrices):
             if not self.active[i]:
@@ -488,6 +530,46 @@ class _MatrixUpdate:
             self._device = self.bufs[i].device
             if self.grads[i] is None:  # other ranks hold this matrix's gradient
                 self.grads[i] = torch.zeros_like(self.bufs[i])
+        self._init_row_state()
+
+    def _init_row_state(self) -> None:
+        """Views of NorMuon's v for the active normuon matrices. One float32 tensor per
+        parameter tensor: its matrices' rows one after the other (one matrix, or the matrices
+        of a ZeRO flat partition in the engine's order), the same size on every rank."""
+        offsets: list[int] = []
+        totals: dict[int, int] = {}
+        for i, (p, group, _, _) in enumerate(self.matrices):
+            rows = self.opt._placements[i].shape[0] if group["normuon"] else 0
+            offsets.append(totals.get(id(p), 0))
+            totals[id(p)] = offsets[-1] + rows
+        for i, (p, group, name, _) in enumerate(self.matrices):
+            if not (self.active[i] and group["normuon"]):
+                continue
+            state = self.opt.state[p]
+            v = state.get(NORMUON_STATE)
+            if v is None:
+                v = state[NORMUON_STATE] = torch.zeros(totals[id(p)], dtype=torch.float32,
+                                                       device=_local(p).device)
+            elif v.shape != (totals[id(p)],) or v.dtype != torch.float32:
+                raise ValueError(
+                    f"{name}: the NorMuon state {NORMUON_STATE!r} has {v.dtype} "
+                    f"{tuple(v.shape)}, expected float32 ({totals[id(p)]},) (one value per row); "
+                    f"was the checkpoint saved from another model or partitioning?"
+                )
+            rows = self.opt._placements[i].shape[0]
+            self.row_state[i] = v.narrow(0, offsets[i], rows)
+
+    def finish(self, i: int, result: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """On matrix i's owner (engine's row-state hook): NorMuon's rescale of the (m, n)
+        spectral result and the new v (float32 (m,)); v itself is stored by apply_extra."""
+        v = self.row_state[i]
+        assert v is not None, "finish() called for a matrix without NorMuon state"
+        return normuon_rescale(result, v, float(self.matrices[i][1]["normuon_beta2"]))
+
+    def apply_extra(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """On every rank: stores the new v of each matrix (the owner's, bit for bit)."""
+        for i, v in items:
+            self.row_state[i].copy_(v)  # type: ignore[union-attr]
 
     @property
     def device(self) -> torch.device:

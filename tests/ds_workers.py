@@ -137,7 +137,20 @@ def zero_worker(rank: int, world: int, stage: int, steps: int, accum: int, opt_k
         "group_keys": [sorted(k for k in g if k != "params") for g in opt.param_groups],
         "momentum_keys": sorted({k for st in opt.state.values() for k in st}),
         "first_step": first,
+        "row_states": row_states_of(opt),
     }
+
+
+def row_states_of(opt: HTMuon) -> dict[str, torch.Tensor]:
+    """NorMuon's flat v per ZeRO partition (rows of its matrices in order), keyed by the name
+    of the partition's first matrix (empty without normuon)."""
+    by_id = {id(p): st for p, st in opt.state.items()}
+    out = {}
+    for key in opt._engines:
+        flat_id, first_name = key[0][0], key[0][1]
+        if "normuon_v" in by_id.get(flat_id, {}):
+            out[first_name] = by_id[flat_id]["normuon_v"].detach().clone()
+    return out
 
 
 def expect_error_worker(rank: int, world: int, case: str) -> str:

@@ -13,6 +13,13 @@ owners inside each one), every rank runs the same sequence:
     apply     weight decay and the scaled update, written into the local shard (MatrixUpdate.apply)
     free      nothing of the bucket outlives it
 
+Row state (NorMuon): a matrix with ``extra_numels[i] = k > 0`` has a float32 state of k values
+(one per row) that is REPLICATED on every rank of the group. Its owner, after computing the
+result, calls ``MatrixUpdate.finish(i, result) -> (result, state)``; the new state rides in the
+scatter after the piece for every other rank (also ranks whose piece is empty), bit-viewed as
+``ceil(4k / e)`` wire elements, so a bf16 wire carries it losslessly; every rank (the owner
+too) stores it through ``MatrixUpdate.apply_extra``. With no row state nothing changes.
+
 Pipelining keeps at most two buckets in flight: the gather of bucket k+1 runs while the
 owner computes bucket k, and bucket k-1's scatter is finished before that compute starts.
 
@@ -24,6 +31,7 @@ Bytes sent by rank r per step (``comm_bytes_last_step``), with e the wire elemen
 src_r(i) the part of matrix i that r sends to its owner and R_r(i) r's piece:
     gather:  sum over i with owner(i) != r of |src_r(i)|·e
     scatter: sum over i with owner(i) == r of sum over s != r of |R_s(i)|·e
+    row state (only matrices with one): + sum over i with owner(i) == r of (W - 1)·ceil(4·k_i / e)·e
 
 Memory: :meth:`ExchangeEngine.memory_bound` gives each rank's peak of temporaries from the
 plan (docs/distributed.md, "Memory contract").
@@ -77,6 +85,16 @@ class MatrixUpdate(Protocol):
     def dtype(self, i: int) -> torch.dtype:
         """The dtype of matrix i's local pieces."""
 
+    # Only for engines built with ``extra_numels`` (row state, e.g. NorMuon); an update
+    # without ``finish`` (e.g. :meth:`ExchangeEngine.run`'s) exchanges no row state.
+    #
+    # def finish(self, i, result) -> tuple[torch.Tensor, torch.Tensor]:
+    #     On matrix i's owner, after the spectral step: the final (m, n) result (rounded to
+    #     the wire dtype by the engine) and the new row state, float32 (extra_numels[i],).
+    #
+    # def apply_extra(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
+    #     On every rank: stores, per (i, state), matrix i's new row state (float32).
+
     @property
     def device(self) -> torch.device:
         """Where this rank's pieces live."""
@@ -97,6 +115,7 @@ class _Pending:
     splits: list[int]
     bucket: tuple[int, ...]
     sent: int = 0
+    extras: bool = False  # the scatter carries row state after each piece
 
 
 class ExchangeEngine:
@@ -119,6 +138,9 @@ class ExchangeEngine:
         domains: per rank of ``group``, a locality domain (e.g. HSDP replica group / node);
             owners gather from their own domain first. None = one domain.
         workspace_bytes: temporary memory one compute batch may use.
+        extra_numels: per matrix, the float32 values of its replicated row state that the
+            owner sends to every other rank with the result (0 = none; None = no matrix has
+            one). NorMuon: the number of rows.
     """
 
     def __init__(
@@ -132,6 +154,7 @@ class ExchangeEngine:
         bucket_numel: Optional[int] = None,
         domains: Optional[Sequence[int]] = None,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        extra_numels: Optional[Sequence[int]] = None,
     ) -> None:
         self.group = group
         self.rank, self.world_size = _rank_and_world(group)
@@ -141,6 +164,11 @@ class ExchangeEngine:
         self.comm_dtype = comm_dtype
         self.workspace_bytes = int(workspace_bytes)
         self.domains = list(domains) if domains is not None else None
+        self.extra_numels: Optional[list[int]] = None
+        if extra_numels is not None and any(int(k) for k in extra_numels):
+            if len(extra_numels) != len(self.shapes) or any(int(k) < 0 for k in extra_numels):
+                raise ValueError(f"extra_numels must hold one count >= 0 per matrix, got {list(extra_numels)}")
+            self.extra_numels = [int(k) for k in extra_numels]
         all_ranges = self._agree(list(local_ranges))
         self.layouts: list[ShardLayout] = []
         for i, name in enumerate(self.names):
@@ -163,9 +191,10 @@ class ExchangeEngine:
 
     def _agree(self, local_ranges: list[Range]) -> list[list[Range]]:
         """All-gathers every rank's ranges and checks that all ranks have the same matrices."""
-        digest = hashlib.sha1(
-            repr((self.shapes, self.specs, self.world_size, self.domains)).encode()
-        ).hexdigest()[:16]
+        key: tuple = (self.shapes, self.specs, self.world_size, self.domains)
+        if self.extra_numels is not None:  # ranks that disagree on row state would mis-split
+            key += (self.extra_numels,)
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
         if self.world_size == 1:
             return [local_ranges]
         gathered: list = [None] * self.world_size
@@ -281,10 +310,14 @@ class ExchangeEngine:
                     gather = self._start_gather(buckets[k + 1], update, self._wire(buckets[k + 1], update))
                 results = self._compute(batches, specs)
                 del batches
+                extras = self._finish(bucket, results, update, wire)
                 update.apply(self._own_pieces(bucket, results))
-                scatter, nbytes = self._start_scatter(bucket, results, wire, update.device)
+                if extras:
+                    update.apply_extra(sorted(extras.items()))  # type: ignore[attr-defined]
+                scatter, nbytes = self._start_scatter(bucket, results, wire, update.device, extras,
+                                                      self._row_state_on(update))
                 sent += nbytes
-                del results
+                del results, extras
             if scatter is not None:
                 self._finish_scatter(scatter, update)
         self.comm_bytes_last_step = sent
@@ -418,6 +451,36 @@ class ExchangeEngine:
         del jobs
         return {i: out[j] for idx, out in zip(members, outs) for j, i in enumerate(idx)}
 
+    def _row_state_on(self, update: Any) -> bool:
+        return self.extra_numels is not None and callable(getattr(update, "finish", None))
+
+    def _extra_wire_numel(self, i: int, wire: torch.dtype) -> int:
+        """Wire elements that carry matrix i's float32 row state, bit for bit."""
+        e = torch.empty(0, dtype=wire).element_size()
+        return -(-4 * self.extra_numels[i] // e) if self.extra_numels is not None else 0
+
+    def _finish(self, bucket, results: dict[int, torch.Tensor], update: Any,
+                wire: torch.dtype) -> dict[int, torch.Tensor]:
+        """On the owner: ``update.finish`` of each owned matrix with row state; replaces its
+        result (rounded to the wire dtype, as every rank applies it) and returns the new row
+        states ``{i: float32 (k_i,)}``."""
+        if not self._row_state_on(update):
+            return {}
+        extras: dict[int, torch.Tensor] = {}
+        for i in bucket:
+            if self.plan.owners[i] != self.rank or not self.extra_numels[i]:  # type: ignore[index]
+                continue
+            out, state = update.finish(i, results[i])
+            state = state.detach().to(torch.float32).reshape(-1).contiguous()
+            if state.numel() != self.extra_numels[i]:  # type: ignore[index]
+                raise RuntimeError(
+                    f"{self.names[i]}: finish() returned {state.numel()} row-state values, the "
+                    f"engine was built for {self.extra_numels[i]}"  # type: ignore[index]
+                )
+            results[i] = out.to(wire)
+            extras[i] = state
+        return extras
+
     def _own_pieces(self, bucket, results: dict[int, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
         items = []
         for i in bucket:
@@ -427,10 +490,13 @@ class ExchangeEngine:
         return items
 
     def _start_scatter(self, bucket, results: dict[int, torch.Tensor], wire: torch.dtype,
-                       device: torch.device) -> tuple[Optional[_Pending], int]:
-        """Packs every other rank's range of each owned result and starts the all_to_all."""
+                       device: torch.device, extras: Optional[dict[int, torch.Tensor]] = None,
+                       row_state: bool = False) -> tuple[Optional[_Pending], int]:
+        """Packs every other rank's range of each owned result (followed by the matrix's row
+        state when it has one) and starts the all_to_all."""
         if self.world_size == 1:
             return None, 0
+        k = [self._extra_wire_numel(i, wire) if row_state else 0 for i in range(len(self.shapes))]
         send_splits = [0] * self.world_size
         recv_splits = [0] * self.world_size
         for i in bucket:
@@ -438,9 +504,9 @@ class ExchangeEngine:
             if owner == self.rank:
                 for dst in range(self.world_size):
                     if dst != self.rank:
-                        send_splits[dst] += self.layouts[i].size_on(dst)
+                        send_splits[dst] += self.layouts[i].size_on(dst) + k[i]
             else:
-                recv_splits[owner] += self.layouts[i].size_on(self.rank)
+                recv_splits[owner] += self.layouts[i].size_on(self.rank) + k[i]
         send = torch.empty(sum(send_splits), dtype=wire, device=device)
         offsets = [sum(send_splits[:d]) for d in range(self.world_size)]
         for i in bucket:
@@ -449,24 +515,40 @@ class ExchangeEngine:
             flat = results[i].reshape(-1)
             for dst in range(self.world_size):
                 start, end = self.layouts[i].ranges[dst]
-                if dst != self.rank and end > start:
+                if dst == self.rank:
+                    continue
+                if end > start:
                     send[offsets[dst] : offsets[dst] + end - start] = flat[start:end]
                     offsets[dst] += end - start
+                if k[i]:  # the float32 bytes, bit for bit, whatever the wire dtype
+                    state = extras[i].view(torch.uint8)  # type: ignore[index]
+                    send[offsets[dst] : offsets[dst] + k[i]].view(torch.uint8)[: state.numel()] = state
+                    offsets[dst] += k[i]
         pending = self._all_to_all(send, send_splits, recv_splits, bucket)
+        pending.extras = row_state
         return pending, pending.sent
 
     def _finish_scatter(self, pending: _Pending, update: MatrixUpdate) -> None:
         pending.work.wait()
         offsets = [sum(pending.splits[:s]) for s in range(self.world_size)]
-        items = []
+        items, states = [], []
         for i in pending.bucket:
             owner = self.plan.owners[i]
-            size = self.layouts[i].size_on(self.rank)
-            if owner == self.rank or size == 0:
+            if owner == self.rank:
                 continue
-            items.append((i, pending.recv[offsets[owner] : offsets[owner] + size]))
-            offsets[owner] += size
+            size = self.layouts[i].size_on(self.rank)
+            if size:
+                items.append((i, pending.recv[offsets[owner] : offsets[owner] + size]))
+                offsets[owner] += size
+            k = self._extra_wire_numel(i, pending.recv.dtype) if pending.extras else 0
+            if k:
+                raw = pending.recv[offsets[owner] : offsets[owner] + k].view(torch.uint8)
+                # a copy: the slice's byte offset need not be float32-aligned
+                states.append((i, raw[: 4 * self.extra_numels[i]].clone().view(torch.float32)))  # type: ignore[index]
+                offsets[owner] += k
         update.apply(items)
+        if states:
+            update.apply_extra(states)  # type: ignore[attr-defined]
 
     # -- memory contract --------------------------------------------------------------------
 
@@ -480,7 +562,9 @@ class ExchangeEngine:
                               and e·S_k + e·O_{k+1} + e·G_{k+1}
         (when the wire is narrower than float32, the float32 product adds 4·(m·n) per batch
         to W_k; with ``lanes`` concurrent CUDA streams, W_k is ``lanes`` batches' workspace).
-        Parameters, gradients and optimizer state are not included.
+        With row state (``extra_numels``), S_k also counts its wire elements and W_k is at least
+        the owner's ``finish`` temporaries, taken as 16·m·n + 8·m bytes (NorMuon's float32
+        copies of one matrix). Parameters, gradients and optimizer state are not included.
         """
         r = self.rank if rank is None else rank
         buckets = list(self.plan.buckets)
@@ -491,16 +575,20 @@ class ExchangeEngine:
             for i in bucket:
                 numel = self.layouts[i].numel
                 m, n = self.shapes[i]
+                v = -(-4 * self.extra_numels[i] // wire_bytes) if self.extra_numels else 0
                 if self.plan.owners[i] == r:
                     o += numel
                     g += sum(e - b for q, (b, e) in enumerate(self.sources[i]) if q != r)
-                    s += sum(self.layouts[i].size_on(q) for q in range(self.world_size) if q != r)
+                    s += sum(self.layouts[i].size_on(q) + v for q in range(self.world_size) if q != r)
                     extra = 4.0 * numel if wire_bytes < 4 else 0.0
                     w = max(w, method_workspace(self.specs[i].method, m, n) + extra)
+                    if v:
+                        s += v  # the owner's own copy of the new row state
+                        w = max(w, 16.0 * numel + 8.0 * m)
                 else:
                     b, e = self.sources[i][r]
                     g += e - b
-                    s += self.layouts[i].size_on(r)
+                    s += self.layouts[i].size_on(r) + v
             own.append(o)
             gat.append(g)
             sca.append(s)

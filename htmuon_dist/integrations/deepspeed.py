@@ -111,6 +111,14 @@ def check_config(
                "zero_force_ds_cpu_optimizer is not false" if replaced else "")
             + ". Remove offload_optimizer"
         )
+    normuon = any(g.get("normuon") for g in getattr(optimizer, "param_groups", []))
+    if normuon and zero.get("elastic_checkpoint"):
+        problems.append(
+            "zero_optimization.elastic_checkpoint is true and HTMuon runs NorMuon: DeepSpeed's "
+            "elastic ZeRO-1/2 checkpoint cuts every flat state tensor by the partition padding, "
+            "which would truncate NorMuon's per-row state (one value per row, not per element). "
+            "Set elastic_checkpoint to false (the default)"
+        )
     fp16 = _enabled(cfg.get("fp16"))
     if fp16 and (on_cpu if on_cpu is not None else _on_cpu()):
         problems.append(

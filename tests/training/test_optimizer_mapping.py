@@ -81,10 +81,11 @@ def test_help_lists_every_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--adjust_lr_fn" in out and "--param_dtype" in out
 
 
-@pytest.mark.parametrize("name", ["htmuon_ns", "htmuon_ht", "htmuon"])
+@pytest.mark.parametrize("name", ["htmuon_ns", "htmuon_ht", "htmuon", "normuon", "htnormuon",
+                                  "htnormuon_interval"])
 def test_variant_optimizers_build_and_step(name: str) -> None:
-    """The registry methods run inside today's HTMuon (the NorMuon kwargs land with the lead's
-    optimizer change, so only the plain family is built here)."""
+    """Every HTMuon-family name builds HTMuon from its kwargs and steps; the NorMuon family
+    keeps its per-row state (one float32 value per row)."""
     from htmuon_dist import HTMuon
 
     t = _resolved("--optimizer", name)
@@ -95,6 +96,10 @@ def test_variant_optimizers_build_and_step(name: str) -> None:
     before = layer.weight.detach().clone()
     opt.step()
     assert torch.isfinite(layer.weight).all() and not torch.equal(before, layer.weight)
+    v = opt.state[layer.weight].get("normuon_v")
+    assert (v is not None) == EXPECTED[name][3]
+    if v is not None:
+        assert v.shape == (24,) and v.dtype == torch.float32 and bool((v > 0).all())
 
 
 def test_pure_bf16_parameters_train(cache_dir, tmp_path) -> None:
@@ -112,6 +117,21 @@ def test_pure_bf16_parameters_train(cache_dir, tmp_path) -> None:
     assert summary["param_dtypes"] == ["bfloat16"] and summary["step"] == 3
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_htnormuon_trains_in_the_trainer(cache_dir, tmp_path) -> None:
+    """--optimizer htnormuon through launch/train.py: the loss is finite and goes down."""
+    import json
+
+    from conftest import TINY, launch
+
+    out = tmp_path / "htnormuon"
+    launch(cache_dir, None, [*TINY, "--max_steps", "4", "--optimizer", "htnormuon", "--output_dir", str(out),
+                             "--export_model", "false", "--save_steps", "0"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 4
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
 def test_c4_reference_yaml_has_the_reference_settings() -> None:

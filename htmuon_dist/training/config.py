@@ -21,13 +21,10 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .common import REPO_ROOT, ConfigError, model_config_path
+
 OPTIMIZERS = ("htmuon", "htmuon_interval", "muon", "adamw")
 STRATEGIES = ("auto", "fsdp2", "fsdp1", "ddp", "deepspeed", "none")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
 
 
 @dataclass
@@ -115,6 +112,18 @@ class TrainArguments:
     progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process"})
     export_model: bool = field(default=True, metadata={"help": "save_pretrained (safetensors) into output_dir/final_model at the end"})
     plot: bool = field(default=True, metadata={"help": "PNG of train/eval loss at the end (needs matplotlib)"})
+    dist_timeout_s: int = field(
+        default=1800,
+        metadata={"help": "process-group timeout (s): a rank that dies or stops makes the others exit after this long. "
+                          "Raise it when one rank works alone for long (7B DCP saves, corpus preparation, rank-0 export)"},
+    )
+    nonfinite: str = field(default="raise", metadata={"help": "HTMuon on a NaN/Inf gradient: raise (stop) | skip (skip the step, log it)"})
+    nonfinite_patience: int = field(default=10, metadata={"help": "--nonfinite skip: stop after this many consecutive skipped steps"})
+    preempt_signals: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={"help": "signals that make every rank finish the current step, checkpoint and exit with status 75 "
+                          "(docs/reliability.md); none disables"},
+    )
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainArguments)
@@ -219,8 +228,6 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
         raise ConfigError(f"--param_convention must be 'reference' or 'muon', got {t.param_convention!r}")
     if t.mixed_precision not in ("auto", "bf16", "no"):
         raise ConfigError(f"--mixed_precision must be auto, bf16 or no, got {t.mixed_precision!r}")
-    from .model import model_config_path
-
     model_config_path(cfg.model.model)  # a missing model file is the first thing to fix
     key = size_key(cfg.model.model)
     row = REFERENCE_TABLE.get(key)

@@ -10,29 +10,18 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
-from .config import REPO_ROOT, ConfigError, ModelArguments
+from .common import ConfigError, model_config_path
+
+if TYPE_CHECKING:  # config.py is not imported at run time: the two modules do not depend on each other
+    from .config import ModelArguments
 
 # Keys a LlamaConfig JSON may carry besides LlamaConfig's own (comments, older spellings).
 _EXTRA_KEYS = {"_comment", "rope_theta", "rope_scaling", "torch_dtype", "use_cache", "transformers_version"}
-
-
-def model_config_path(name: str) -> Path:
-    """``tiny`` -> ``configs/model/tiny.json``; a path is returned as is."""
-    path = Path(name)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"--model {name}: no such file")
-        return path
-    candidate = REPO_ROOT / "configs" / "model" / f"{name.lower()}.json"
-    if not candidate.is_file():
-        names = sorted(p.stem for p in (REPO_ROOT / "configs" / "model").glob("*.json"))
-        raise ConfigError(f"--model {name!r}: not one of {names} and not a JSON file")
-    return candidate
 
 
 def load_llama_config(args: ModelArguments, tokenizer_size: Optional[int] = None):

@@ -53,6 +53,7 @@ def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str]) -> 
         groups, lr=t.lr, power=t.power, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay,
         method=t.spectral_method, interval=t.interval if t.optimizer == "htmuon_interval" else None,
         adamw_lr=t.adamw_lr, adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_weight_decay=0.0,
+        nonfinite=t.nonfinite, nonfinite_patience=t.nonfinite_patience,
     )
 
 

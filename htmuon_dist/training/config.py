@@ -119,6 +119,9 @@ class TrainArguments:
     )
     nonfinite: str = field(default="raise", metadata={"help": "HTMuon on a NaN/Inf gradient: raise (stop) | skip (skip the step, log it)"})
     nonfinite_patience: int = field(default=10, metadata={"help": "--nonfinite skip: stop after this many consecutive skipped steps"})
+    checkpoint_verify: str = field(
+        default="sha256", metadata={"help": "on resume, check the checkpoint's manifest: sha256 (sizes and checksums) | size | none"}
+    )
     preempt_signals: str = field(
         default="SIGTERM,SIGUSR1",
         metadata={"help": "signals that make every rank finish the current step, checkpoint and exit with status 75 "
@@ -180,6 +183,10 @@ def _unknown(key: str, allowed: Sequence[str], where: str) -> None:
     raise ConfigError(f"{where}: unknown option {key!r}{hint}; see `htmuon-train --help`")
 
 
+def _argparse_error(message: str):
+    raise ConfigError(f"{message}; see `htmuon-train --help`")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
     """``--config file.yaml`` then command-line overrides -> a resolved-later :class:`Config`."""
     from transformers import HfArgumentParser
@@ -193,14 +200,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
         path = Path(known.config)
         if not path.is_file():
             raise ConfigError(f"--config {known.config}: no such file")
-        flat = _flatten_yaml(yaml.safe_load(path.read_text()), str(path))
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"--config {path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); fix the file") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"--config {path}: cannot read it as UTF-8 text ({type(e).__name__}); pass a YAML file") from None
+        flat = _flatten_yaml(loaded, str(path))
         allowed = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)}
         for key in flat:
             if key not in allowed:
                 _unknown(key, allowed, str(path))
         parser.set_defaults(**flat)
+    # argparse prints usage and exits on a bad value; the CLI wants one line and status 2 instead.
+    parser.error = _argparse_error  # type: ignore[method-assign]
     # The extra Namespace holding --config comes back last; the dataclasses come first.
-    outputs = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    try:
+        outputs = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    except ConfigError:
+        raise
+    except ValueError as e:  # HfArgumentParser's "arguments are not used" (unknown options)
+        unknown = [a for a in rest if a.startswith("--") and a[2:].split("=")[0] not in
+                   {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)} | {"config"}]
+        if not unknown:
+            raise ConfigError(f"{e}; see `htmuon-train --help`") from None
+        _unknown(unknown[0][2:].split("=")[0], [f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)], "the command line")
     model_args, data_args, train_args = outputs[:3]
     return Config(model=model_args, data=data_args, train=train_args)
 
@@ -259,7 +285,7 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
         t.power = 0.125 if t.power is None else float(t.power)
         t.spectral_method = t.spectral_method or "eigh"
         if t.optimizer == "htmuon_interval":
-            t.interval = t.interval or 5
+            t.interval = 5 if t.interval is None else t.interval  # 0 is an error (validate.py), not "default"
     if t.max_steps < 1:
         raise ConfigError(f"--max_steps must be >= 1, got {t.max_steps}")
     if not 0 <= t.warmup_steps <= t.max_steps:

@@ -232,8 +232,8 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
             ds["train_batch_size"] = t.total_batch_size
             ds["gradient_clipping"] = t.grad_clip
         model, optimizer = accelerator.prepare(model, optimizer)
-    # Not prepared: an AcceleratedScheduler would step once per process.
-    accelerator.register_for_checkpointing(scheduler)
+    # Not prepared: an AcceleratedScheduler would step once per process. Checkpointed by
+    # checkpoint.py as JSON (Accelerate would pickle it and unpickle it with weights_only=False).
     from torch.distributed.tensor import DTensor
 
     # Recorded in summary.json: the tests check that FSDP2 really sharded every parameter.
@@ -255,7 +255,10 @@ def prepare_data(rt: Runtime, built: Built) -> DataPlan:
     per_rank = math.ceil(d.eval_tokens / world)
     evals = eval_batches(val_docs, built.tokenizer, d, t.micro_batch_size, vocab, per_rank)
     if not evals:
-        raise ConfigError("the validation split of this rank is empty; use fewer processes or more validation data")
+        source = f"--validation_files {d.validation_files}" if d.validation_files else (
+            f"the held-out 5% (every 20th document) of --data_files {d.data_files}" if d.data_files else f"--dataset {d.dataset}")
+        raise ConfigError(f"the validation data of rank {rt.rank} ({source}) fills no sequence of --seq_len {d.seq_len}; "
+                          f"pass more (validation) data, use fewer processes or a smaller --seq_len")
     n_eval_batches = int(_all_reduce([len(evals)], device, dist.ReduceOp.MAX if world > 1 else None)[0])
     eval_available = int(_all_reduce([sum(int((b["labels"][:, 1:] != -100).sum()) for b in evals)], device)[0])
     if rt.is_main and eval_available < d.eval_tokens:
@@ -269,11 +272,11 @@ def resume_state(rt: Runtime, built: Built, data: DataPlan) -> Progress:
     by ``--resume`` (auto: the newest one that passes verification). Collective."""
     t = rt.cfg.train
     expected = _trainer_state(rt.cfg, built.model_cfg, rt.strategy, rt.world, 0, 0)
-    resume_from = ckpt.find_resume(rt.out, t.resume)
+    resume_from = ckpt.find_resume(rt.out, t.resume, t.checkpoint_verify)
     progress = Progress()
     if resume_from is not None:
         state = ckpt.check_compatible(resume_from, expected)
-        data_state = ckpt.load(rt.accelerator, resume_from, built.model, built.optimizer, rt.strategy)
+        data_state = ckpt.load(rt.accelerator, resume_from, built.model, built.optimizer, rt.strategy, built.scheduler)
         data.stream.load_state_dict(data_state)
         progress.step, progress.tokens = int(state["step"]), int(state["tokens"])
         progress.skipped_steps = int(state.get("skipped_steps", 0))
@@ -303,7 +306,7 @@ def save_checkpoint(rt: Runtime, built: Built, data: DataPlan, progress: Progres
     state = _trainer_state(rt.cfg, built.model_cfg, rt.strategy, rt.world, progress.step, progress.tokens)
     state["skipped_steps"] = progress.skipped_steps
     return ckpt.save(rt.accelerator, rt.out, progress.step, built.model, built.optimizer, rt.strategy,
-                     data.stream.state_dict(), state, rt.cfg.train.save_total_limit)
+                     data.stream.state_dict(), state, rt.cfg.train.save_total_limit, built.scheduler)
 
 
 @dataclass

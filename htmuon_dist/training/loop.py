@@ -405,6 +405,7 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
             if not saved:
                 save_checkpoint(rt, built, data, progress)
             progress.preempted_by = signal_name
+            preempt.disarm()
             if rt.is_main:
                 bar.write(f"step {step}: {signal_name} received; checkpoint saved, exiting with status {PREEMPTED_EXIT}")
             break

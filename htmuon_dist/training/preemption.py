@@ -65,6 +65,15 @@ class PreemptionWatch:
         if self.received is None:
             self.received = signal.Signals(signum).name
 
+    def disarm(self) -> None:
+        """Ignores the watched signals from now on: after the pre-emption checkpoint the launcher
+        forwards SIGTERM to ranks that are still exiting (one rank's exit makes it stop the
+        others), and that must not turn their status 75 into death by signal. Handlers set to
+        SIG_IGN survive interpreter shutdown, unlike Python handlers."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                signal.signal(sig, signal.SIG_IGN)
+
     def agreed(self, device: torch.device) -> Optional[str]:
         """The signal seen by any rank (collective when distributed and signals are watched).
         Every rank must call it after the same step."""

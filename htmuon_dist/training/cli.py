@@ -3,7 +3,7 @@
 Exit status: 0 done (or stopped at ``--stop_at_step``); 2 configuration error (one line
 ``htmuon-train: configuration error: ...``, no traceback); 75 pre-empted (a signal from
 ``--preempt_signals`` arrived; the step in flight finished and was checkpointed; rerun to
-resume); 1 anything else, including a lost peer (one line naming this rank, then the traceback).
+resume); 1 anything else, including a lost peer (the traceback, then one line naming this rank).
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except Exception as e:
         if _lost_peer(e):
+            import traceback
+
+            traceback.print_exc()  # where it was waiting; the summary line comes last
             print(f"{PREFIX}: rank {_rank()}: lost contact with the other ranks ({type(e).__name__}: "
                   f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); another rank died or stopped "
                   f"calling collectives (the process-group timeout is --dist_timeout_s {timeout_s} s). "

@@ -68,7 +68,9 @@ def check_types(cfg) -> None:
             ok = isinstance(value, kinds) and not (kinds != (bool,) and isinstance(value, bool))
             if not ok:
                 want = " or ".join(k.__name__ for k in kinds) + (" (or unset)" if optional else "")
-                raise ConfigError(f"--{name} must be {want}, got {value!r} ({type(value).__name__}); "
+                # YAML reads an unquoted no/yes/off/on as a boolean
+                hint = '; quote it in the YAML (e.g. "no")' if isinstance(value, bool) and str in kinds else ""
+                raise ConfigError(f"--{name} must be {want}, got {value!r} ({type(value).__name__}){hint}; "
                                   f"fix it on the command line or in the --config YAML")
 
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         ok &= growth <= a.max_growth
         print(f"  rank {rank}: RSS median {a0 / 1024:.1f} MiB (steps {a.warmup}-{a.warmup + span - 1}, {len(first_win)} samples) "
               f"-> {a1 / 1024:.1f} MiB (last {span} steps, {len(last_win)} samples): {growth:+.2f}%; "
-              f"max {max(r[rank] for r in live) / 1024:.1f} MiB")
+              f"max {max(d[rank] for _, d in live) / 1024:.1f} MiB")
     print(f"  step time: median {statistics.median(early) * 1000:.1f} ms (steps {a.warmup + 1}-{a.warmup + n}) -> "
           f"{statistics.median(late) * 1000:.1f} ms (last {n} steps): drift {drift:+.2f}%")
     print(f"  skipped steps: {summary.get('skipped_steps', 0)}; final eval loss {summary.get('eval_loss', float('nan')):.4f}")

@@ -8,10 +8,8 @@ resume); 1 anything else, including a lost peer (the traceback, then one line na
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -59,10 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if _rank() == "0" and marker.exists():
             marker.unlink()
         summary = run(cfg, watch)
-        if summary.get("preempted_by"):
-            if _rank() == "0":
-                marker.write_text(json.dumps({"step": summary["step"], "signal": summary["preempted_by"],
-                                              "time": time.time()}) + "\n")
+        if summary.get("preempted_by"):  # the loop wrote the marker before any rank could exit
             return PREEMPTED_EXIT
     except ConfigError as e:
         # Before training starts every rank sees the same error: rank 0 speaks for all.

@@ -122,6 +122,9 @@ class TrainArguments:
     checkpoint_verify: str = field(
         default="sha256", metadata={"help": "on resume, check the checkpoint's manifest: sha256 (sizes and checksums) | size | none"}
     )
+    malloc_trim_steps: int = field(
+        default=200, metadata={"help": "return freed heap memory to the OS (glibc malloc_trim) every N steps and after each checkpoint; 0 = never"}
+    )
     preempt_signals: str = field(
         default="SIGTERM,SIGUSR1",
         metadata={"help": "signals that make every rank finish the current step, checkpoint and exit with status 75 "

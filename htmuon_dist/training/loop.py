@@ -26,10 +26,11 @@ from . import checkpoint as ckpt
 from . import faults
 from .config import Config, ConfigError, resolve, size_key
 from .data import TokenStream, eval_batches, load_documents, load_tokenizer
+from .memory import malloc_trim
 from .metrics import MetricsWriter, plot_losses
 from .model import build_model, count_parameters, describe, export_pretrained, load_llama_config, materialize
 from .optim import build_optimizer, build_scheduler, matrix_names
-from .preemption import PREEMPTED_EXIT, PreemptionWatch, process_group_kwargs
+from .preemption import PREEMPTED_EXIT, PreemptionWatch, process_group_kwargs, write_marker
 from .parallel import apply_fsdp1, apply_fsdp2, clip_grad_norm, detect_strategy, set_gradient_sync
 
 
@@ -399,12 +400,19 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
         saved = (t.save_steps and step % t.save_steps == 0) or step == t.stop_at_step
         if saved:
             save_checkpoint(rt, built, data, progress)
+        if t.malloc_trim_steps and (saved or step % t.malloc_trim_steps == 0):
+            malloc_trim()  # RSS otherwise creeps up with freed-but-kept heap (memory.py)
         # Every rank must stop after the same step: agree on whether any rank saw a signal.
         signal_name = preempt.agreed(device)
         if signal_name is not None and step < t.max_steps:
             if not saved:
                 save_checkpoint(rt, built, data, progress)
             progress.preempted_by = signal_name
+            if rt.is_main:
+                write_marker(rt.out, step, signal_name)
+            # Nobody exits before the marker exists: under SLURM's --kill-on-bad-exit the first
+            # rank to exit gets the others killed, and the requeue looks for the marker.
+            rt.accelerator.wait_for_everyone()
             preempt.disarm()
             if rt.is_main:
                 bar.write(f"step {step}: {signal_name} received; checkpoint saved, exiting with status {PREEMPTED_EXIT}")

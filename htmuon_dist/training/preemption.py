@@ -14,8 +14,12 @@ completed step is lost and the resumed run is bit-identical to an uninterrupted 
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import signal
 import threading
+import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -85,6 +89,15 @@ class PreemptionWatch:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             code = int(t.item())
         return signal.Signals(code).name if code else None
+
+
+def write_marker(output_dir: Path, step: int, signal_name: str) -> None:
+    """Rank 0: ``output_dir/PREEMPTED`` = ``{"step", "signal", "time"}`` (fsync'd)."""
+    path = Path(output_dir) / PREEMPTED_MARKER
+    with open(path, "w") as f:
+        f.write(json.dumps({"step": step, "signal": signal_name, "time": time.time()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def process_group_kwargs(timeout_s: int) -> list:

@@ -73,7 +73,7 @@ ROWS = [
     ("grad_clip", ["--grad_clip", "-1"], "--grad_clip"),
     ("min_lr_ratio", ["--min_lr_ratio", "2"], "--min_lr_ratio"),
     ("logging_steps", ["--logging_steps", "0"], "--logging_steps"),
-    ("save_total_limit", ["--save_total_limit", "0"], "--save_total_limit"),
+    ("save_total_limit", ["--save_total_limit", "-1"], "--save_total_limit"),
     ("nonfinite", ["--nonfinite", "ignore"], "--nonfinite"),
     ("nonfinite_patience", ["--nonfinite_patience", "0"], "--nonfinite_patience"),
     ("dist_timeout", ["--dist_timeout_s", "0"], "--dist_timeout_s"),

@@ -225,3 +225,22 @@ def test_sbatch_requeues_after_a_preemption(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "launch/slurm/train_multinode.sbatch")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, "a plain failure is not requeued and keeps its status"
+
+
+def test_config_and_model_do_not_import_each_other():
+    """Issue #14 item 9: config.py and model.py share training/common.py instead of a cycle."""
+    import ast
+
+    def runtime_imports(name: str) -> set[str]:
+        tree = ast.parse((REPO / "htmuon_dist" / "training" / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                node.body = []  # typing-only imports do not run
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found.add(node.module)
+        return found
+
+    assert "model" not in runtime_imports("config")
+    assert "config" not in runtime_imports("model")

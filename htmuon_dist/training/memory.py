@@ -2,8 +2,8 @@
 
 glibc's malloc keeps freed blocks in its arenas: over thousands of steps (tokenizer batches,
 Arrow rows, optimizer temporaries, checkpoint buffers) the resident size of a rank creeps up
-although live memory does not (measured with benchmarks/soak.py: +6.6% over 2,000 tiny FSDP2
-steps, all of it given back by one ``malloc_trim``). Calling ``malloc_trim(0)`` every few
+although live memory does not (benchmarks/soak.py: +6.6% over 2,000 tiny FSDP2 steps; in a
+single process, one ``malloc_trim`` gave back more than the growth). Calling ``malloc_trim(0)`` every few
 hundred steps keeps RSS flat for a millisecond or so per call. A no-op where glibc is absent.
 """
 

@@ -1,31 +1,88 @@
-"""``htmuon-train`` / ``launch/train.py``: parse arguments, run, turn config errors into one line."""
+"""``htmuon-train`` / ``launch/train.py``: parse arguments, run, turn config errors into one line.
+
+Exit status: 0 done (or stopped at ``--stop_at_step``); 2 configuration error (one line
+``htmuon-train: configuration error: ...``, no traceback); 75 pre-empted (a signal from
+``--preempt_signals`` arrived; the step in flight finished and was checkpointed; rerun to
+resume); 1 anything else, including a lost peer (the traceback, then one line naming this rank).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ConfigError, parse_args
-from .preflight import NoGPUError, check_devices
+from .common import ConfigError
+
+PREFIX = "htmuon-train"
+
+
+def _rank() -> str:
+    return os.environ.get("RANK", "0")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another rank died, hung past the timeout, or vanished."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+                            "NCCL", "gloo", "Broken pipe", "ProcessGroup"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the process exit code (2 for a configuration error)."""
+    """Entry point; returns the process exit code (see the module doc)."""
+    import torch.distributed as dist
+
+    from .preemption import PREEMPTED_EXIT, PREEMPTED_MARKER, PreemptionWatch
+
+    started, timeout_s = False, "?"
     try:
+        from .config import parse_args
+        from .preflight import NoGPUError, check_devices
+        from .validate import preflight
+
         cfg = parse_args(argv)
-        check_devices(cfg.train.allow_cpu)  # a GPU config without a GPU stops here, in seconds
+        preflight(cfg)
+        try:
+            check_devices(cfg.train.allow_cpu)  # a GPU config without a GPU stops here, in seconds
+        except NoGPUError as e:
+            print(f"{PREFIX}: error: {e}", file=sys.stderr, flush=True)
+            return 2
+        timeout_s = str(cfg.train.dist_timeout_s)
+        # Installed before the (slow) process-group set-up: a signal then is not lost either.
+        watch = PreemptionWatch.install(cfg.train.preempt_signals)
+        started = True
         from .loop import run
 
-        run(cfg)
-    except NoGPUError as e:
-        print(f"htmuon-train: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        marker = Path(cfg.train.output_dir) / PREEMPTED_MARKER
+        if _rank() == "0" and marker.exists():
+            marker.unlink()
+        summary = run(cfg, watch)
+        if summary.get("preempted_by"):  # the loop wrote the marker before any rank could exit
+            return PREEMPTED_EXIT
     except ConfigError as e:
-        print(f"htmuon-train: configuration error: {e}", file=sys.stderr, flush=True)
+        # Before training starts every rank sees the same error: rank 0 speaks for all.
+        if _rank() == "0" or started:
+            print(f"{PREFIX}: configuration error: {e}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        import torch.distributed as dist
+    except Exception as e:
+        if _lost_peer(e):
+            import traceback
 
+            traceback.print_exc()  # where it was waiting; the summary line comes last
+            print(f"{PREFIX}: rank {_rank()}: lost contact with the other ranks ({type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); another rank died or stopped "
+                  f"calling collectives (the process-group timeout is --dist_timeout_s {timeout_s} s). "
+                  f"The launcher's log names the rank that failed first; rerun to resume from the last checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(1)  # destroy_process_group could block on the dead peer
+        raise
+    finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -21,7 +21,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .common import REPO_ROOT, ConfigError, model_config_path
+
 OPTIMIZERS = (
     "htmuon", "htmuon_interval", "htmuon_ns", "htmuon_ht", "muon", "normuon", "htnormuon",
     "htnormuon_interval", "adamw",
@@ -33,10 +34,6 @@ STRATEGIES = ("auto", "fsdp2", "fsdp1", "ddp", "deepspeed", "none")
 
 # optimizers whose spectral method is part of their name
 FIXED_METHODS = {"htmuon_ns": "ns_roots", "htmuon_ht": "ht"}
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
 
 
 @dataclass
@@ -136,6 +133,24 @@ class TrainArguments:
     export_model: bool = field(default=True, metadata={"help": "save_pretrained (safetensors) into output_dir/final_model at the end"})
     plot: bool = field(default=True, metadata={"help": "PNG of train/eval loss at the end (needs matplotlib)"})
     esd_steps: int = field(default=0, metadata={"help": "every N steps, ESD power-law alpha and spectral stats of every hidden matrix, each on its owner rank (0 = off; see docs/diagnostics.md)"})
+    dist_timeout_s: int = field(
+        default=1800,
+        metadata={"help": "process-group timeout (s): a rank that dies or stops makes the others exit after this long. "
+                          "Raise it when one rank works alone for long (7B DCP saves, corpus preparation, rank-0 export)"},
+    )
+    nonfinite: str = field(default="raise", metadata={"help": "HTMuon on a NaN/Inf gradient: raise (stop) | skip (skip the step, log it)"})
+    nonfinite_patience: int = field(default=10, metadata={"help": "--nonfinite skip: stop after this many consecutive skipped steps"})
+    checkpoint_verify: str = field(
+        default="sha256", metadata={"help": "on resume, check the checkpoint's manifest: sha256 (sizes and checksums) | size | none"}
+    )
+    malloc_trim_steps: int = field(
+        default=200, metadata={"help": "return freed heap memory to the OS (glibc malloc_trim) every N steps and after each checkpoint; 0 = never"}
+    )
+    preempt_signals: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={"help": "signals that make every rank finish the current step, checkpoint and exit with status 75 "
+                          "(docs/reliability.md); none disables"},
+    )
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainArguments)
@@ -192,6 +207,10 @@ def _unknown(key: str, allowed: Sequence[str], where: str) -> None:
     raise ConfigError(f"{where}: unknown option {key!r}{hint}; see `htmuon-train --help`")
 
 
+def _argparse_error(message: str):
+    raise ConfigError(f"{message}; see `htmuon-train --help`")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
     """``--config file.yaml`` then command-line overrides -> a resolved-later :class:`Config`."""
     from transformers import HfArgumentParser
@@ -205,14 +224,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
         path = Path(known.config)
         if not path.is_file():
             raise ConfigError(f"--config {known.config}: no such file")
-        flat = _flatten_yaml(yaml.safe_load(path.read_text()), str(path))
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"--config {path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); fix the file") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"--config {path}: cannot read it as UTF-8 text ({type(e).__name__}); pass a YAML file") from None
+        flat = _flatten_yaml(loaded, str(path))
         allowed = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)}
         for key in flat:
             if key not in allowed:
                 _unknown(key, allowed, str(path))
         parser.set_defaults(**flat)
+    # argparse prints usage and exits on a bad value; the CLI wants one line and status 2 instead.
+    parser.error = _argparse_error  # type: ignore[method-assign]
     # The extra Namespace holding --config comes back last; the dataclasses come first.
-    outputs = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    try:
+        outputs = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    except ConfigError:
+        raise
+    except ValueError as e:  # HfArgumentParser's "arguments are not used" (unknown options)
+        unknown = [a for a in rest if a.startswith("--") and a[2:].split("=")[0] not in
+                   {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)} | {"config"}]
+        if not unknown:
+            raise ConfigError(f"{e}; see `htmuon-train --help`") from None
+        _unknown(unknown[0][2:].split("=")[0], [f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)], "the command line")
     model_args, data_args, train_args = outputs[:3]
     return Config(model=model_args, data=data_args, train=train_args)
 
@@ -240,8 +278,6 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
         raise ConfigError(f"--param_convention must be 'reference' or 'muon', got {t.param_convention!r}")
     if t.mixed_precision not in ("auto", "bf16", "no"):
         raise ConfigError(f"--mixed_precision must be auto, bf16 or no, got {t.mixed_precision!r}")
-    from .model import model_config_path
-
     model_config_path(cfg.model.model)  # a missing model file is the first thing to fix
     key = size_key(cfg.model.model)
     row = REFERENCE_TABLE.get(key)
@@ -286,7 +322,7 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
         t.power = 0.125 if t.power is None else float(t.power)
         t.spectral_method = t.spectral_method or "eigh"
         if t.optimizer.endswith("_interval"):
-            t.interval = t.interval or 5
+            t.interval = 5 if t.interval is None else t.interval  # 0 is an error (validate.py), not "default"
     if t.optimizer != "adamw":
         from htmuon_dist.spectral import check_power, validate_power
 

@@ -197,13 +197,27 @@ def load_documents(data: DataArguments, split: str, rank: int, world_size: int, 
         else:
             builder = data.dataset
             files = _files(data.validation_files if (split == "validation" and data.validation_files) else data.data_files)
-        ds = datasets.load_dataset(builder, data_files={"data": files}, split="data")
+        try:
+            ds = datasets.load_dataset(builder, data_files={"data": files}, split="data")
+        except Exception as e:  # datasets wraps parse errors in its own, version-dependent types
+            cause = e.__cause__ or e.__context__ or e
+            raise ConfigError(
+                f"--dataset {builder} cannot read {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} "
+                f"({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''}); "
+                f"check that the files are {builder} and UTF-8"
+            ) from None
         if data.dataset != "offline" and split in ("train", "validation") and not data.validation_files:
             # One file list for both: hold out every VALIDATION_EVERY-th document.
             keep = (lambda i: i % VALIDATION_EVERY == VALIDATION_EVERY - 1) if split == "validation" else (
                 lambda i: i % VALIDATION_EVERY != VALIDATION_EVERY - 1)
             ds = ds.select([i for i in range(len(ds)) if keep(i)])
-    columns = ds.column_names if getattr(ds, "column_names", None) is not None else list(next(iter(ds)).keys())
+    if getattr(ds, "column_names", None) is not None:
+        columns = ds.column_names
+    else:
+        first = next(iter(ds), None)
+        if first is None:
+            raise ConfigError(f"the {data.dataset} {split} data holds no documents; pass files with text in them")
+        columns = list(first.keys())
     if data.text_field not in columns:
         raise ConfigError(
             f"the {data.dataset} data has no column {data.text_field!r} (columns: {sorted(columns)}); "
@@ -239,6 +253,9 @@ class TokenStream:
         self.shuffle, self.loop = shuffle, loop
         self.epoch, self.consumed, self.buffer = 0, 0, []  # position: see state_dict
         self._pending: list[list[int]] = []  # whole sequences ready to batch (position includes them)
+        # Tokens (packing) or sequences (reference mode) of the current pass over the data; a
+        # pass read from its start that cannot fill one sequence is a configuration error.
+        self._pass_yield, self._pass_from_start = 0, False
 
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch starts: epoch, documents consumed this epoch, tokens and
@@ -267,6 +284,7 @@ class TokenStream:
 
     def _texts(self, chunk: int = 64) -> Iterator[list[str]]:
         """Lists of up to ``chunk`` texts; ``self.consumed`` counts them once they are read."""
+        self._pass_yield, self._pass_from_start = 0, self.consumed == 0
         while True:
             batch: list[str] = []
             n_read = 0
@@ -288,7 +306,14 @@ class TokenStream:
                 return
             if self.consumed == 0:
                 raise ConfigError("this rank's data shard is empty; use fewer processes or more data")
+            if self._pass_from_start and self._pass_yield < (self.data.seq_len if self.data.packing else 1):
+                raise ConfigError(
+                    f"this rank's share of the training data makes {self._pass_yield} "
+                    f"{'tokens' if self.data.packing else 'sequences'} per pass, fewer than one sequence of "
+                    f"--seq_len {self.data.seq_len}; pass more data, use fewer processes or a smaller --seq_len"
+                )
             self.epoch, self.consumed = self.epoch + 1, 0
+            self._pass_yield, self._pass_from_start = 0, True
 
     def _sequences(self) -> Iterator[list[int]]:
         L = self.data.seq_len
@@ -300,6 +325,7 @@ class TokenStream:
                 eos = self.tok.eos_token_id
                 for seq in ids:
                     self.buffer.extend(seq)
+                    self._pass_yield += len(seq) + (eos is not None)
                     if eos is not None:
                         self.buffer.append(eos)
                 _check_ids(self.buffer, self.vocab_size, "training data")
@@ -312,6 +338,7 @@ class TokenStream:
                     _check_ids(seq, self.vocab_size, "training data")
                     if len(seq) >= 2:
                         self._pending.append(seq)
+                        self._pass_yield += 1
             yield from self._drain()
 
     def _drain(self) -> Iterator[list[int]]:

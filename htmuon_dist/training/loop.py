@@ -9,10 +9,12 @@ fixed validation budget (sum of token losses / number of tokens, over all ranks)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,11 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import faults
 from .config import Config, ConfigError, resolve, size_key
 from .data import TokenStream, eval_batches, load_documents, load_tokenizer
+from .memory import malloc_trim
 from .metrics import MetricsWriter, plot_losses
 from .model import build_model, count_parameters, describe, export_pretrained, load_llama_config, materialize
 from .optim import build_optimizer, build_scheduler, matrix_names
+from .preemption import PREEMPTED_EXIT, PreemptionWatch, process_group_kwargs, write_marker
 from .parallel import apply_fsdp1, apply_fsdp2, clip_grad_norm, detect_strategy, set_gradient_sync
 
 
@@ -75,19 +80,92 @@ def _trainer_state(cfg: Config, model_cfg, strategy: str, world: int, step: int,
     }
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Trains, evaluates, checkpoints and exports; returns the summary (on every rank)."""
+# --- the phases of a run ----------------------------------------------------------------------
+# run() = setup_runtime -> build_model_and_optimizer -> prepare_data -> resume_state -> train
+# -> finish. Each phase returns a small record; the loop itself (train) only reads them.
+
+
+@dataclass
+class Runtime:
+    """Processes, devices and precision (phase 1). ``cfg`` is the resolved config."""
+
+    cfg: Config
+    accelerator: Any
+    strategy: str
+    world: int
+    rank: int
+    device: torch.device
+    is_main: bool
+    bf16: bool
+    accel_mp: str
+    accum: int
+    out: Path
+
+    def autocast(self):
+        acc = self.accelerator
+        return acc.autocast() if self.accel_mp != "no" else torch.autocast(self.device.type, enabled=False)
+
+
+@dataclass
+class Built:
+    """Tokenizer, model, optimizer and schedule (phase 2)."""
+
+    tokenizer: Any
+    model_cfg: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    n_params: int
+    param_kinds: dict[str, int]
+    esd: Any = None  # --esd_steps: htmuon_dist.diagnostics.monitor.EsdMonitor
+
+
+@dataclass
+class DataPlan:
+    """This rank's training stream and fixed validation batches (phase 3)."""
+
+    stream: TokenStream
+    evals: list[dict[str, torch.Tensor]]
+    n_eval_batches: int
+
+
+@dataclass
+class Progress:
+    """Where training stands; checkpointed (phase 4 fills it from a checkpoint)."""
+
+    step: int = 0
+    tokens: int = 0
+    resume_from: Optional[Path] = None
+    eval_loss: Optional[float] = None
+    skipped_steps: int = 0
+    preempted_by: Optional[str] = None
+
+
+@contextlib.contextmanager
+def _without_env(name: str, hide: bool):
+    """Hides an environment variable while the block runs, then restores it. Accelerate reads
+    its parallelism only from the environment; there is no argument to override it."""
+    hidden = os.environ.pop(name, None) if hide else None
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            os.environ[name] = hidden
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """Phase 1: strategy, precision, batch arithmetic, the Accelerator (and its process group,
+    with ``--dist_timeout_s``), the output directory and the seed. Collective."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    t, d, m = cfg.train, cfg.data, cfg.model
+    t = cfg.train
     cuda = torch.cuda.is_available()
     bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     if bf16 and not cuda:
         raise ConfigError("--mixed_precision bf16 needs a GPU (this CPU has no bf16 arithmetic); use --mixed_precision no")
-    strategy = detect_strategy(t.parallel, int(os.environ.get("WORLD_SIZE", "1")))
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = detect_strategy(t.parallel, world_env)
     if strategy in ("fsdp1", "fsdp2", "ddp") and world_env < 2:
         # One process: nothing to shard or replicate, and the code path is the plain one.
         strategy = "none"
@@ -96,26 +174,27 @@ def run(cfg: Config) -> dict[str, Any]:
     cfg, accum = resolve(cfg, world_env)
     # FSDP is applied by us (parallel.py): hide the accelerate config's FSDP flag so Accelerate
     # builds a plain DDP-style state (its FSDP plugin would refuse the CPU or wrap the model).
-    hidden = os.environ.pop("ACCELERATE_USE_FSDP", None) if strategy in ("fsdp1", "fsdp2", "none") else None
-    try:
+    with _without_env("ACCELERATE_USE_FSDP", strategy in ("fsdp1", "fsdp2", "none")):
         accelerator = Accelerator(cpu=not cuda, mixed_precision=accel_mp,
-                                  gradient_accumulation_steps=accum if strategy == "deepspeed" else 1)
-    finally:
-        if hidden is not None:
-            os.environ["ACCELERATE_USE_FSDP"] = hidden
+                                  gradient_accumulation_steps=accum if strategy == "deepspeed" else 1,
+                                  kwargs_handlers=process_group_kwargs(t.dist_timeout_s))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if world != world_env:
         raise RuntimeError(f"WORLD_SIZE={world_env} but Accelerate sees {world} processes")
-    is_main = accelerator.is_main_process
     out = Path(t.output_dir)
-    if is_main:
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     set_seed(t.seed)
     import datasets
 
     datasets.disable_progress_bars()  # one bar per run is enough: ours
+    return Runtime(cfg, accelerator, strategy, world, rank, device, accelerator.is_main_process, bf16, accel_mp, accum, out)
 
-    # -- tokenizer, model, optimizer ---------------------------------------------------------
+
+def build_model_and_optimizer(rt: Runtime) -> Built:
+    """Phase 2: tokenizer, LlamaConfig, the (sharded) model, optimizer and LR schedule."""
+    t, d, m = rt.cfg.train, rt.cfg.data, rt.cfg.model
+    accelerator, strategy, device = rt.accelerator, rt.strategy, rt.device
     with accelerator.local_main_process_first():  # builds the offline corpus/tokenizer cache once per node
         tokenizer = load_tokenizer(d)
     model_cfg = load_llama_config(m, len(tokenizer))
@@ -140,12 +219,12 @@ def run(cfg: Config) -> dict[str, Any]:
         reshard = t.fsdp_reshard_after_forward
         if reshard is None:
             reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("true", "1", "full_shard")
-        model = apply_fsdp2(model, device, bf16, reshard)
+        model = apply_fsdp2(model, device, rt.bf16, reshard)
         materialize(model, device, t.seed, std)
     else:
         materialize(model, device, t.seed, std)
         if strategy == "fsdp1":
-            model = apply_fsdp1(model, device, bf16)
+            model = apply_fsdp1(model, device, rt.bf16)
     optimizer = build_optimizer(model, t, routed)
     if strategy == "fsdp1" and t.optimizer != "adamw":
         from htmuon_dist import attach_fsdp1
@@ -160,8 +239,8 @@ def run(cfg: Config) -> dict[str, Any]:
             ds["train_batch_size"] = t.total_batch_size
             ds["gradient_clipping"] = t.grad_clip
         model, optimizer = accelerator.prepare(model, optimizer)
-    # Not prepared: an AcceleratedScheduler would step once per process.
-    accelerator.register_for_checkpointing(scheduler)
+    # Not prepared: an AcceleratedScheduler would step once per process. Checkpointed by
+    # checkpoint.py as JSON (Accelerate would pickle it and unpickle it with weights_only=False).
     from torch.distributed.tensor import DTensor
 
     # Recorded in summary.json: the tests check that FSDP2 really sharded every parameter.
@@ -169,167 +248,270 @@ def run(cfg: Config) -> dict[str, Any]:
     for p in model.parameters():
         param_kinds["tensors"] += 1
         param_kinds["dtensors"] += isinstance(p, DTensor)
-
-    # -- data ---------------------------------------------------------------------------------
-    train_docs = load_documents(d, "train", rank, world, t.seed)
-    stream = TokenStream(train_docs, tokenizer, d, t.micro_batch_size, model_cfg.vocab_size, seed=t.seed)
-    val_docs = load_documents(d, "validation", rank, world, t.seed)
-    per_rank = math.ceil(d.eval_tokens / world)
-    evals = eval_batches(val_docs, tokenizer, d, t.micro_batch_size, model_cfg.vocab_size, per_rank)
-    if not evals:
-        raise ConfigError("the validation split of this rank is empty; use fewer processes or more validation data")
-    n_eval_batches = int(_all_reduce([len(evals)], device, dist.ReduceOp.MAX if world > 1 else None)[0])
-    eval_available = int(_all_reduce([sum(int((b["labels"][:, 1:] != -100).sum()) for b in evals)], device)[0])
-    if is_main and eval_available < d.eval_tokens:
-        print(f"note: evaluating on {eval_available:,} validation tokens: some rank's validation shard "
-              f"holds fewer than its share of --eval_tokens {d.eval_tokens:,}", flush=True)
-
-    # -- resume -------------------------------------------------------------------------------
-    step, tokens = 0, 0
-    resume_from = ckpt.find_resume(out, t.resume)
-    expected = _trainer_state(cfg, model_cfg, strategy, world, 0, 0)
-    if resume_from is not None:
-        state = ckpt.check_compatible(resume_from, expected)
-        data_state = ckpt.load(accelerator, resume_from, model, optimizer, strategy)
-        stream.load_state_dict(data_state)
-        step, tokens = int(state["step"]), int(state["tokens"])
-    writer = MetricsWriter(out, t.report_to, is_main, t.run_name, cfg.to_dict(), resumed_step=step)
-    if is_main:
-        for msg in writer.messages:
-            print(msg, flush=True)
-        print(
-            f"htmuon-train: {size_key(m.model)} LLaMA ({n_params / 1e6:.1f}M params), {t.optimizer} "
-            f"lr {t.lr:g}, {strategy} x {world} ({device.type}, {'bf16' if bf16 else 'fp32'}), "
-            f"batch {t.total_batch_size} = {t.micro_batch_size} x {accum} accum x {world}, seq {d.seq_len}, "
-            f"{t.max_steps} steps" + (f", resumed at step {step} from {resume_from}" if resume_from else ""),
-            flush=True,
-        )
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    def autocast():
-        return accelerator.autocast() if accel_mp != "no" else torch.autocast(device.type, enabled=False)
-
-    def save_checkpoint(at: int) -> None:
-        ckpt.save(accelerator, out, at, model, optimizer, strategy, stream.state_dict(),
-                  _trainer_state(cfg, model_cfg, strategy, world, at, tokens), t.save_total_limit)
-
     esd = None
     if t.esd_steps and strategy == "deepspeed":
         raise ConfigError("--esd_steps is not supported under DeepSpeed ZeRO; use FSDP2, FSDP1, DDP or one process, or --esd_steps 0")
     if t.esd_steps:  # ESD statistics, each matrix on its owner rank (docs/diagnostics.md)
         from htmuon_dist.diagnostics.monitor import EsdMonitor
+
         from .optim import clean_name
 
         esd = EsdMonitor(optimizer, model, routed, clean_name)
+    return Built(tokenizer, model_cfg, model, optimizer, scheduler, n_params, param_kinds, esd)
 
-    # -- train ----------------------------------------------------------------------------------
-    packed = d.packing
-    last_step_s, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    eval_loss: Optional[float] = None
+
+def prepare_data(rt: Runtime, built: Built) -> DataPlan:
+    """Phase 3: this rank's training stream and the fixed validation batches. Collective."""
+    t, d = rt.cfg.train, rt.cfg.data
+    world, device = rt.world, rt.device
+    vocab = built.model_cfg.vocab_size
+    train_docs = load_documents(d, "train", rt.rank, world, t.seed)
+    stream = TokenStream(train_docs, built.tokenizer, d, t.micro_batch_size, vocab, seed=t.seed)
+    val_docs = load_documents(d, "validation", rt.rank, world, t.seed)
+    per_rank = math.ceil(d.eval_tokens / world)
+    evals = eval_batches(val_docs, built.tokenizer, d, t.micro_batch_size, vocab, per_rank)
+    if not evals:
+        source = f"--validation_files {d.validation_files}" if d.validation_files else (
+            f"the held-out 5% (every 20th document) of --data_files {d.data_files}" if d.data_files else f"--dataset {d.dataset}")
+        raise ConfigError(f"the validation data of rank {rt.rank} ({source}) fills no sequence of --seq_len {d.seq_len}; "
+                          f"pass more (validation) data, use fewer processes or a smaller --seq_len")
+    n_eval_batches = int(_all_reduce([len(evals)], device, dist.ReduceOp.MAX if world > 1 else None)[0])
+    eval_available = int(_all_reduce([sum(int((b["labels"][:, 1:] != -100).sum()) for b in evals)], device)[0])
+    if rt.is_main and eval_available < d.eval_tokens:
+        print(f"note: evaluating on {eval_available:,} validation tokens: some rank's validation shard "
+              f"holds fewer than its share of --eval_tokens {d.eval_tokens:,}", flush=True)
+    return DataPlan(stream, evals, n_eval_batches)
+
+
+def resume_state(rt: Runtime, built: Built, data: DataPlan) -> Progress:
+    """Phase 4: restores model, optimizer, schedule, RNG and stream from the checkpoint chosen
+    by ``--resume`` (auto: the newest one that passes verification). Collective."""
+    t = rt.cfg.train
+    expected = _trainer_state(rt.cfg, built.model_cfg, rt.strategy, rt.world, 0, 0)
+    resume_from = ckpt.find_resume(rt.out, t.resume, t.checkpoint_verify)
+    progress = Progress()
+    if resume_from is not None:
+        state = ckpt.check_compatible(resume_from, expected)
+        data_state = ckpt.load(rt.accelerator, resume_from, built.model, built.optimizer, rt.strategy, built.scheduler)
+        data.stream.load_state_dict(data_state)
+        progress.step, progress.tokens = int(state["step"]), int(state["tokens"])
+        progress.skipped_steps = int(state.get("skipped_steps", 0))
+        progress.resume_from = resume_from
+    return progress
+
+
+def _announce(rt: Runtime, built: Built, progress: Progress, writer: MetricsWriter) -> None:
+    """The main process's one-line run description, and config.json."""
+    if not rt.is_main:
+        return
+    t, d, m = rt.cfg.train, rt.cfg.data, rt.cfg.model
+    for msg in writer.messages:
+        print(msg, flush=True)
+    print(
+        f"htmuon-train: {size_key(m.model)} LLaMA ({built.n_params / 1e6:.1f}M params), {t.optimizer} "
+        f"lr {t.lr:g}, {rt.strategy} x {rt.world} ({rt.device.type}, {'bf16' if rt.bf16 else 'fp32'}), "
+        f"batch {t.total_batch_size} = {t.micro_batch_size} x {rt.accum} accum x {rt.world}, seq {d.seq_len}, "
+        f"{t.max_steps} steps" + (f", resumed at step {progress.step} from {progress.resume_from}" if progress.resume_from else ""),
+        flush=True,
+    )
+    (rt.out / "config.json").write_text(json.dumps(rt.cfg.to_dict(), indent=2))
+
+
+def save_checkpoint(rt: Runtime, built: Built, data: DataPlan, progress: Progress) -> Path:
+    """Collective: the checkpoint of ``progress.step``."""
+    state = _trainer_state(rt.cfg, built.model_cfg, rt.strategy, rt.world, progress.step, progress.tokens)
+    state["skipped_steps"] = progress.skipped_steps
+    return ckpt.save(rt.accelerator, rt.out, progress.step, built.model, built.optimizer, rt.strategy,
+                     data.stream.state_dict(), state, rt.cfg.train.save_total_limit, built.scheduler)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step as the loop sees it."""
+
+    loss_sum: torch.Tensor  # this rank's summed token losses (fp64, 0-d)
+    global_targets: int  # target tokens of the step over all ranks
+    grad_norm: Optional[torch.Tensor]
+    skipped: bool  # HTMuon skipped the update (non-finite gradients, --nonfinite skip)
+
+
+def train_step(rt: Runtime, built: Built, batches, step: int) -> StepResult:
+    """Step number ``step`` (1-based): ``accum`` micro-batches, one optimizer and schedule step.
+    Collective."""
+    model, optimizer, strategy, accum, world, device = built.model, built.optimizer, rt.strategy, rt.accum, rt.world, rt.device
+    packed = rt.cfg.data.packing
+    micro = [next(batches) for _ in range(accum)]
+    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    # Packed batches have the same token count on every rank; padded ones need the sum.
+    global_targets = local_targets * world if packed else int(_all_reduce([local_targets], device)[0])
+    # The backends average gradients over ranks, so divide by the mean per-rank count.
+    denom = global_targets / world
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with set_gradient_sync(model, strategy, i == accum - 1):
+            with rt.autocast():
+                loss, _ = token_loss_sum(model, batch, packed)
+            scaled = loss / denom * (accum if strategy == "deepspeed" else 1)  # DeepSpeed divides by accum itself
+            scaled = faults.poison_loss(scaled, step)
+            rt.accelerator.backward(scaled)
+        loss_sum += loss.detach().double()
+    grad_norm = clip_grad_norm(model, strategy, rt.cfg.train.grad_clip) if strategy != "deepspeed" else None
+    inner = getattr(optimizer, "optimizer", optimizer)
+    skipped_before = getattr(inner, "skipped_steps", 0)
+    optimizer.step()
+    skipped = getattr(inner, "skipped_steps", 0) > skipped_before
+    built.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, global_targets, grad_norm, skipped)
+
+
+def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer: MetricsWriter,
+          preempt: PreemptionWatch) -> float:
+    """Phase 5: the steps up to ``--max_steps`` (or ``--stop_at_step``, or a pre-emption
+    signal), with logging, evaluation and checkpoints. Returns the seconds spent."""
+    from tqdm.auto import tqdm
+
+    t = rt.cfg.train
+    packed, device = rt.cfg.data.packing, rt.device
+    window_tokens, window_start = 0, time.perf_counter()
     run_start = time.perf_counter()
-    start_step, start_tokens = step, tokens
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (is_main and t.progress_bar), unit="step", dynamic_ncols=True)
-    batches = iter(stream)
-    model.train()
+    bar = tqdm(total=t.max_steps, initial=progress.step, disable=not (rt.is_main and t.progress_bar), unit="step", dynamic_ncols=True)
+    batches = iter(data.stream)
+    built.model.train()
     stop = t.stop_at_step or t.max_steps
-    while step < stop:
-        micro = [next(batches) for _ in range(accum)]
-        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        # Packed batches have the same token count on every rank; padded ones need the sum.
-        global_targets = local_targets * world if packed else int(_all_reduce([local_targets], device)[0])
-        # The backends average gradients over ranks, so divide by the mean per-rank count.
-        denom = global_targets / world
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with set_gradient_sync(model, strategy, i == accum - 1):
-                with autocast():
-                    loss, _ = token_loss_sum(model, batch, packed)
-                scaled = loss / denom * (accum if strategy == "deepspeed" else 1)  # DeepSpeed divides by accum itself
-                accelerator.backward(scaled)
-            loss_sum += loss.detach().double()
-        grad_norm = clip_grad_norm(model, strategy, t.grad_clip) if strategy != "deepspeed" else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += global_targets
-        window_tokens += global_targets
+    while progress.step < stop:
+        res = train_step(rt, built, batches, progress.step + 1)
+        progress.step += 1
+        progress.tokens += res.global_targets
+        window_tokens += res.global_targets
+        step = progress.step
         bar.update(1)
+        faults.maybe_signal(step)
+        if res.skipped:
+            progress.skipped_steps += 1
+            writer.log({"step": step, "skipped_step": True, "skipped_steps": progress.skipped_steps})
+            if rt.is_main:
+                bar.write(f"step {step}: skipped (non-finite gradients; {progress.skipped_steps} skipped so far)")
 
         if step % t.logging_steps == 0 or step == stop:
-            step_loss = float(_all_reduce([float(loss_sum)], device)[0]) / global_targets
+            step_loss = float(_all_reduce([float(res.loss_sum)], device)[0]) / res.global_targets
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / max(elapsed, 1e-9)
             window_tokens, window_start = 0, time.perf_counter()
-            row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": tps}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            if not math.isfinite(step_loss):
+            row = {"step": step, "loss": step_loss, "lr": built.scheduler.get_last_lr()[0], "tokens": progress.tokens, "tokens_per_s": tps}
+            if res.grad_norm is not None:
+                row["grad_norm"] = float(res.grad_norm)
+            if not math.isfinite(step_loss) and not res.skipped:
                 raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or raise --warmup_steps")
             writer.log(row)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{row['lr']:.2e}", refresh=False)
-        if esd is not None and (step % t.esd_steps == 0 or step == stop):
-            writer.log(esd(step))
+        if built.esd is not None and (step % t.esd_steps == 0 or step == stop):
+            writer.log(built.esd(step))
         if (t.eval_steps and step % t.eval_steps == 0) or step == t.max_steps:
-            eval_loss, n_tok = evaluate(model, evals, n_eval_batches, packed, device, autocast)
+            eval_loss, n_tok = evaluate(built.model, data.evals, data.n_eval_batches, packed, device, rt.autocast)
+            progress.eval_loss = eval_loss
             writer.log({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "eval_tokens": n_tok})
-            if is_main:
+            if rt.is_main:
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f} ({n_tok:,} tokens)")
-        if (t.save_steps and step % t.save_steps == 0) or step == t.stop_at_step:
-            save_checkpoint(step)
+        saved = (t.save_steps and step % t.save_steps == 0) or step == t.stop_at_step
+        if saved:
+            save_checkpoint(rt, built, data, progress)
+        if t.malloc_trim_steps and (saved or step % t.malloc_trim_steps == 0):
+            malloc_trim()  # RSS otherwise creeps up with freed-but-kept heap (memory.py)
+        # Every rank must stop after the same step: agree on whether any rank saw a signal.
+        signal_name = preempt.agreed(device)
+        if signal_name is not None and step < t.max_steps:
+            if not saved:
+                save_checkpoint(rt, built, data, progress)
+            progress.preempted_by = signal_name
+            if rt.is_main:
+                write_marker(rt.out, step, signal_name)
+            # Nobody exits before the marker exists: under SLURM's --kill-on-bad-exit the first
+            # rank to exit gets the others killed, and the requeue looks for the marker.
+            rt.accelerator.wait_for_everyone()
+            preempt.disarm()
+            if rt.is_main:
+                bar.write(f"step {step}: {signal_name} received; checkpoint saved, exiting with status {PREEMPTED_EXIT}")
+            break
     bar.close()
-    train_s = time.perf_counter() - run_start
-    steps_run = step - start_step
+    return time.perf_counter() - run_start
+
+
+def finish(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer: MetricsWriter,
+           train_s: float, start: tuple[int, int]) -> dict[str, Any]:
+    """Phase 6: summary.json and, after the last step, the final checkpoint, export and plot."""
+    t, m, d = rt.cfg.train, rt.cfg.model, rt.cfg.data
+    step, tokens = progress.step, progress.tokens
+    steps_run = step - start[0]
     summary: dict[str, Any] = {
         "step": step, "stopped_early": step < t.max_steps, "train_seconds": round(train_s, 2),
         "steps_run": steps_run, "tokens": tokens,
-        "tokens_per_s": (tokens - start_tokens) / max(train_s, 1e-9) if steps_run else None,
-        "params": n_params, "optimizer": t.optimizer, "strategy": strategy, "world_size": world,
-        "param_tensors": param_kinds["tensors"], "dtensor_params": param_kinds["dtensors"],
-        "optimizer_class": type(getattr(optimizer, "optimizer", optimizer)).__name__,
-        "param_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()}),
+        "tokens_per_s": (tokens - start[1]) / max(train_s, 1e-9) if steps_run else None,
+        "params": built.n_params, "optimizer": t.optimizer, "strategy": rt.strategy, "world_size": rt.world,
+        "param_tensors": built.param_kinds["tensors"], "dtensor_params": built.param_kinds["dtensors"],
+        "optimizer_class": type(getattr(built.optimizer, "optimizer", built.optimizer)).__name__,
+        "param_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in built.model.parameters()}),
+        "skipped_steps": progress.skipped_steps, "preempted_by": progress.preempted_by,
     }
-    if eval_loss is not None:
-        summary.update(eval_loss=eval_loss, eval_ppl=math.exp(eval_loss))
+    if progress.eval_loss is not None:
+        summary.update(eval_loss=progress.eval_loss, eval_ppl=math.exp(progress.eval_loss))
     if step < t.max_steps:
-        if is_main:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if rt.is_main:
+            (rt.out / "summary.json").write_text(json.dumps(summary, indent=2))
         writer.close()
         return summary
 
-    # -- export ---------------------------------------------------------------------------------
     if t.save_steps and step % t.save_steps:
-        save_checkpoint(step)  # the final state is always resumable
+        save_checkpoint(rt, built, data, progress)  # the final state is always resumable
     if t.export_model:
-        export_dir = out / "final_model"
-        full = _full_state_dict(accelerator, model, strategy)
-        probe = evals[0]["input_ids"][:1, : min(32, d.seq_len)].to(device)
-        model.eval()
-        with torch.no_grad(), autocast():
-            probe_logits = model(input_ids=probe, use_cache=False).logits.float().cpu()
-        if is_main:
-            export_pretrained(full, model_cfg, tokenizer, export_dir)
+        export_dir = rt.out / "final_model"
+        full = _full_state_dict(rt.accelerator, built.model, rt.strategy)
+        probe = data.evals[0]["input_ids"][:1, : min(32, d.seq_len)].to(rt.device)
+        built.model.eval()
+        with torch.no_grad(), rt.autocast():
+            probe_logits = built.model(input_ids=probe, use_cache=False).logits.float().cpu()
+        if rt.is_main:
+            export_pretrained(full, built.model_cfg, built.tokenizer, export_dir)
             torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, export_dir / "probe_logits.pt")
             summary["export_dir"] = str(export_dir)
-        accelerator.wait_for_everyone()
-    if is_main:
+        rt.accelerator.wait_for_everyone()
+    if rt.is_main:
         if t.plot:
-            msg = plot_losses(out / "metrics.jsonl", out / "loss.png",
-                              f"{size_key(m.model)} LLaMA, {t.optimizer}, {strategy} x {world}")
-            print(msg or f"loss plot: {out / 'loss.png'}", flush=True)
+            msg = plot_losses(rt.out / "metrics.jsonl", rt.out / "loss.png",
+                              f"{size_key(m.model)} LLaMA, {t.optimizer}, {rt.strategy} x {rt.world}")
+            print(msg or f"loss plot: {rt.out / 'loss.png'}", flush=True)
         if t.plot and t.esd_steps:
             from htmuon_dist.diagnostics.plots import plot_alpha_over_steps
 
-            msg = plot_alpha_over_steps(out / "metrics.jsonl", out / "esd_alpha.png",
+            msg = plot_alpha_over_steps(rt.out / "metrics.jsonl", rt.out / "esd_alpha.png",
                                         f"{size_key(m.model)} LLaMA, {t.optimizer}: ESD alpha per matrix type")
-            print(msg or f"alpha plot: {out / 'esd_alpha.png'}", flush=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if eval_loss is not None:
-            print(f"final eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}; "
+            print(msg or f"alpha plot: {rt.out / 'esd_alpha.png'}", flush=True)
+        (rt.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if progress.eval_loss is not None:
+            print(f"final eval loss {progress.eval_loss:.4f}, perplexity {math.exp(progress.eval_loss):.2f}; "
                   f"{summary['tokens_per_s']:,.0f} tokens/s; {train_s:.1f} s for {steps_run} steps", flush=True)
     writer.close()
     return summary
+
+
+def run(cfg: Config, preempt: Optional[PreemptionWatch] = None) -> dict[str, Any]:
+    """Trains, evaluates, checkpoints and exports; returns the summary (on every rank).
+
+    ``summary["preempted_by"]`` names the signal when a pre-emption stopped the run (after
+    checkpointing); the CLI then exits with :data:`PREEMPTED_EXIT`.
+    """
+    preempt = preempt or PreemptionWatch.install(cfg.train.preempt_signals)
+    rt = setup_runtime(cfg)
+    built = build_model_and_optimizer(rt)
+    data = prepare_data(rt, built)
+    progress = resume_state(rt, built, data)
+    t = rt.cfg.train
+    writer = MetricsWriter(rt.out, t.report_to, rt.is_main, t.run_name, rt.cfg.to_dict(), resumed_step=progress.step)
+    _announce(rt, built, progress, writer)
+    start = (progress.step, progress.tokens)
+    train_s = train(rt, built, data, progress, writer, preempt)
+    return finish(rt, built, data, progress, writer, train_s, start)
 
 
 def _full_state_dict(accelerator, model, strategy: str) -> dict[str, torch.Tensor]:

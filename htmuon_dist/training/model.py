@@ -10,35 +10,18 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelArguments
+from .common import ConfigError, model_config_path
+
+if TYPE_CHECKING:  # config.py is not imported at run time: the two modules do not depend on each other
+    from .config import ModelArguments
 
 # Keys a LlamaConfig JSON may carry besides LlamaConfig's own (comments, older spellings).
 _EXTRA_KEYS = {"_comment", "rope_theta", "rope_scaling", "torch_dtype", "use_cache", "transformers_version"}
-
-
-# Shipped as package data (pyproject.toml), so a wheel install finds them; the repository's
-# configs/model is a link to this folder.
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
-
-
-def model_config_path(name: str) -> Path:
-    """``tiny`` -> ``htmuon_dist/configs/model/tiny.json`` (= ``configs/model/tiny.json`` in a
-    clone); a path is returned as is."""
-    path = Path(name)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"--model {name}: no such file")
-        return path
-    candidate = MODEL_CONFIG_DIR / f"{name.lower()}.json"
-    if not candidate.is_file():
-        names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-        raise ConfigError(f"--model {name!r}: not one of {names} and not a JSON file")
-    return candidate
 
 
 def load_llama_config(args: ModelArguments, tokenizer_size: Optional[int] = None):
@@ -53,12 +36,19 @@ def load_llama_config(args: ModelArguments, tokenizer_size: Optional[int] = None
     from transformers import LlamaConfig
 
     path = model_config_path(args.model)
-    raw: dict[str, Any] = json.loads(path.read_text())
+    try:
+        raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--model {path}: not valid JSON ({e}); fix the file or pass one of configs/model/*.json") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--model {path}: expected a JSON object of LlamaConfig fields, got {type(raw).__name__}")
     if args.model_overrides:
         try:
             overrides = json.loads(args.model_overrides)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--model_overrides is not valid JSON ({e}); example: '{{\"num_hidden_layers\": 2}}'") from None
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"--model_overrides must be a JSON object, got {type(overrides).__name__}; example: '{{\"num_hidden_layers\": 2}}'")
         raw.update(overrides)
     allowed = set(LlamaConfig().to_dict()) | _EXTRA_KEYS
     unknown = sorted(set(raw) - allowed)
@@ -71,7 +61,15 @@ def load_llama_config(args: ModelArguments, tokenizer_size: Optional[int] = None
     if raw.get("model_type", "llama") != "llama":
         raise ConfigError(f"{path}: model_type {raw['model_type']!r}; this trainer builds LlamaForCausalLM only")
     raw.pop("_comment", None)
-    cfg = LlamaConfig(**raw)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings"):
+        value = raw.get(key, 1)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {value!r}; fix the model JSON or --model_overrides")
+    try:
+        cfg = LlamaConfig(**raw)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: LlamaConfig rejects it ({e}); fix the model JSON or --model_overrides") from None
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ConfigError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}")
     if tokenizer_size is not None and tokenizer_size > cfg.vocab_size:

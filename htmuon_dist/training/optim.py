@@ -82,6 +82,7 @@ def htmuon_kwargs(t: TrainArguments) -> dict:
         method=t.spectral_method, interval=t.interval if interval else None,
         adamw_lr=t.adamw_lr, adamw_betas=(0.9, 0.95), adamw_eps=1e-10,
         adamw_weight_decay=t.adamw_weight_decay,
+        nonfinite=t.nonfinite, nonfinite_patience=t.nonfinite_patience,
     )
     if normuon:
         kwargs.update(normuon=True, normuon_beta2=t.normuon_beta2)

@@ -194,8 +194,15 @@ def main(argv=None) -> int:
         for model in args.train.split(","):
             peaks = {}
             for optimizer in args.train_optimizers.split(","):
-                results = run_ranks(train_step_worker, args.train_world, model, optimizer,
-                                    timeout=args.timeout, pg_timeout=args.timeout)
+                try:
+                    results = run_ranks(train_step_worker, args.train_world, model, optimizer,
+                                        timeout=args.timeout, pg_timeout=args.timeout)
+                except (AssertionError, TimeoutError) as e:  # e.g. the kernel's OOM killer
+                    print(f"{model + ' x' + str(args.train_world):16} {optimizer:9} did not finish: "
+                          f"{str(e).splitlines()[0]} (exit -9 is the OOM killer)")
+                    rows.append(dict(case=f"train {model} fsdp2", world=args.train_world,
+                                     optimizer=optimizer, failed=str(e), ok=False, peak_bytes=None))
+                    continue
                 peaks[optimizer] = max(r["peak_rss_bytes"] for r in results)
                 for r in results:
                     r["peak_bytes"] = r["peak_rss_bytes"]

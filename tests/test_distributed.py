@@ -140,6 +140,16 @@ def test_single_matrix_on_many_ranks_no_nan(world):
         assert_same_params(r["params"], want)
 
 
+@pytest.mark.parametrize("method,backend,world", [("ns_roots", "fsdp2", 2), ("ht", "fsdp1", 3),
+                                                  ("tracked_ns", "ddp", 2)])
+def test_reference_variants_and_approximate_methods_shard_like_eigh(method, backend, world):
+    """Every registered method runs through the same exchange: sharded equals one process."""
+    opts = dict(OPT, method=method)
+    want = reference_run("llama", world, 2, 1, opts)
+    for r in run_ranks(sharded_worker, world, "llama", backend, 2, 1, opts):
+        assert_same_params(r["params"], want)
+
+
 def test_bf16_communication_equals_the_same_wire_in_one_process_and_halves_traffic():
     """bf16 on the wire rounds every piece the owner uses and every result a rank applies, the
     owner's own included, so the sharded run equals the one-process run with the same wire (up

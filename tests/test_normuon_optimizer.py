@@ -176,7 +176,8 @@ def test_bad_normuon_or_power_arguments_fail_at_construction(kwargs, needle):
 @pytest.mark.parametrize("method,power", [("ns5", 0.0), ("eigh", 0.125)])
 def test_one_process_normuon_step_stays_within_the_memory_contract(method, power):
     """The owner's float32 rescale temporaries are part of memory_bound()."""
-    from test_scale_step import SMALL_1B, allocated_peak
+    from memtrack import allocator_peak
+    from test_scale_step import SMALL_1B
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in SMALL_1B]
@@ -188,7 +189,7 @@ def test_one_process_normuon_step_stays_within_the_memory_contract(method, power
         if seed == 1:
             opt.step()  # creates momentum and v
         else:
-            peak = allocated_peak(opt.step)
+            peak = allocator_peak(opt.step)
     bound = opt.memory_bound()
     assert 0 < peak <= bound, (peak, bound)
 

@@ -328,9 +328,12 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
 
         try:
             validate_power(t.power, "--power")
-            check_power(t.spectral_method, t.power)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        try:
+            check_power(t.spectral_method, t.power)
+        except ValueError as e:
+            raise ConfigError(f"--spectral_method {t.spectral_method} (--power {t.power}): {e}") from None
     if t.max_steps < 1:
         raise ConfigError(f"--max_steps must be >= 1, got {t.max_steps}")
     if not 0 <= t.warmup_steps <= t.max_steps:

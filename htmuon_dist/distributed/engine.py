@@ -40,6 +40,7 @@ plan (docs/distributed.md, "Memory contract").
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -98,6 +99,11 @@ class MatrixUpdate(Protocol):
     @property
     def device(self) -> torch.device:
         """Where this rank's pieces live."""
+
+
+def _offsets(splits: Sequence[int]) -> list[int]:
+    """Start of each rank's chunk in a packed all_to_all buffer."""
+    return [0, *itertools.accumulate(splits)][:-1]
 
 
 def _rank_and_world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -395,7 +401,7 @@ class ExchangeEngine:
                         start, end = self.sources[i][src]
                         recv_splits[src] += end - start
         send = torch.empty(sum(send_splits), dtype=wire, device=update.device)
-        offsets = [sum(send_splits[:d]) for d in range(self.world_size)]
+        offsets = _offsets(send_splits)
         for i in bucket:  # ascending index within each destination's chunk
             owner = self.plan.owners[i]
             start, end = self.sources[i][self.rank]
@@ -426,7 +432,7 @@ class ExchangeEngine:
         if pending is None:
             return batches, 0
         pending.work.wait()
-        recv, offsets = pending.recv, [sum(pending.splits[:s]) for s in range(self.world_size)]
+        recv, offsets = pending.recv, _offsets(pending.splits)
         for i in owned:  # ascending index within each source's chunk, as packed by the sender
             for src in range(self.world_size):
                 start, end = self.sources[i][src]
@@ -508,7 +514,7 @@ class ExchangeEngine:
             else:
                 recv_splits[owner] += self.layouts[i].size_on(self.rank) + k[i]
         send = torch.empty(sum(send_splits), dtype=wire, device=device)
-        offsets = [sum(send_splits[:d]) for d in range(self.world_size)]
+        offsets = _offsets(send_splits)
         for i in bucket:
             if self.plan.owners[i] != self.rank:
                 continue
@@ -530,7 +536,7 @@ class ExchangeEngine:
 
     def _finish_scatter(self, pending: _Pending, update: MatrixUpdate) -> None:
         pending.work.wait()
-        offsets = [sum(pending.splits[:s]) for s in range(self.world_size)]
+        offsets = _offsets(pending.splits)
         items, states = [], []
         for i in pending.bucket:
             owner = self.plan.owners[i]

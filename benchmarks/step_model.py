@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/spectral.py
 
 MODELS = {  # hidden, layers, ffn, vocab (configs/model/{1b,7b}.json)
     "1b": dict(d=2048, layers=24, ffn=5461, vocab=32000),
@@ -85,6 +86,7 @@ def cpu_profile(sizes: list[int], repeat: int, threads: int = 1) -> Profile:
     import torch
 
     from htmuon_dist.spectral import newton_schulz5, spectral_power
+    from spectral import best_time
 
     torch.set_num_threads(threads)  # 1 by default: stable on a shared machine (spin-waiting
     # OpenMP threads under contention measured 10-100x slow here)
@@ -95,13 +97,7 @@ def cpu_profile(sizes: list[int], repeat: int, threads: int = 1) -> Profile:
             x = torch.randn(m, n, generator=gen)
             for method in ["ns5"] + HTMUON_METHODS:
                 fn = (lambda: newton_schulz5(x)) if method == "ns5" else (lambda: spectral_power(x, 0.125, method=method))
-                fn()
-                best = math.inf
-                for _ in range(repeat):
-                    t0 = time.perf_counter()
-                    fn()
-                    best = min(best, time.perf_counter() - t0)
-                p.add(method, m, n, best)
+                p.add(method, m, n, best_time(fn, torch.device("cpu"), repeat))
             print(f"  measured n = {n}, m = {m}: " + ", ".join(
                 f"{k} {v[(m, n)] * 1e3:.1f} ms" for k, v in p.times.items()), flush=True)
     a = torch.randn(512, 512)

@@ -16,18 +16,18 @@ rotating matrix with the same spectrum). Columns: err per spectrum, the worst er
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/spectral.py
 
 from htmuon_dist.spectral import available_methods, get_method, spectral_power  # noqa: E402
 from htmuon_dist.spectral.accuracy import random_orthonormal, reference, rel_err  # noqa: E402
+from spectral import best_time as _best_time  # noqa: E402
 from htmuon_dist.spectral.newton_schulz import newton_schulz5  # noqa: E402
 from htmuon_dist.spectral.stream import stream_power  # noqa: E402
 
@@ -58,13 +58,8 @@ def errors(y: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Best CPU wall time of ``repeat`` calls after one warm-up (benchmarks/spectral.py's)."""
+    return _best_time(fn, torch.device("cpu"), repeat)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -36,18 +36,22 @@ def reference(total_steps):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def phase_worker(rank, world, ckpt, load, steps, offset):
+def phase_worker(rank, world, ckpt, load, steps, offset, opt_kwargs=OPT, report=None):
+    """Trains ``steps`` steps of the global batch stream from ``offset`` at ``world`` ranks, after
+    loading ``ckpt`` (``load``) or before saving it. Returns the whole parameters and, with a
+    module-level ``report(opt)``, its value after the load ("loaded") and at the end ("final")."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = build("llama", seed=99 if load else 0)  # a loaded run must not depend on its init
     wrap(model, "llama", "fsdp2")
-    opt = HTMuon(param_groups(model, "reference"), **OPT)
+    opt = HTMuon(param_groups(model, "reference"), **opt_kwargs)
     if load:
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=ckpt)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    loaded = report(opt) if report is not None else None
     per_rank = GLOBAL_BATCH // world
     for x in batches(steps, offset):
         loss_fn("llama", model, x[rank * per_rank : (rank + 1) * per_rank]).backward()
@@ -56,7 +60,8 @@ def phase_worker(rank, world, ckpt, load, steps, offset):
     if not load:
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
-    return full_state(model, "fsdp2")
+    final = report(opt) if report is not None else None
+    return {"params": full_state(model, "fsdp2"), "loaded": loaded, "final": final}
 
 
 @pytest.mark.parametrize("w_save,w_load", [(4, 2), (2, 3)])
@@ -66,4 +71,4 @@ def test_save_at_w_load_at_w_prime_continues_exactly(tmp_path, w_save, w_load):
     results = run_ranks(phase_worker, w_load, ckpt, True, 2, 2)
     want = reference(4)
     for r in results:
-        assert_same_params(r, want)
+        assert_same_params(r["params"], want)

@@ -37,7 +37,9 @@ def reference_run(kind, world, steps, accum, opt_kwargs, seed=0):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def sharded_worker(rank, world, kind, backend, steps, accum, opt_kwargs, seed=0):
+def sharded_worker(rank, world, kind, backend, steps, accum, opt_kwargs, seed=0, report=None):
+    """Trains ``kind`` sharded by ``backend``; ``report(opt)`` (a module-level function, so
+    that it pickles) adds entries to the returned dict."""
     model = build(kind, seed)
     groups = param_groups(model, "reference" if kind == "llama" else "muon")  # before wrapping
     wrapped = wrap(model, kind, backend)
@@ -68,6 +70,7 @@ def sharded_worker(rank, world, kind, backend, steps, accum, opt_kwargs, seed=0)
         "sources": engine.sources,
         "backend": opt.backend,
         "world": engine.world_size,
+        **(report(opt) if report is not None else {}),
     }
 
 

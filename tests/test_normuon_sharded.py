@@ -21,10 +21,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
-from dist_models import build, full_state, loss_fn, make_batches, wrap
-from htmuon_dist import HTMuon, attach_fsdp1, param_groups
+from dist_models import build, loss_fn, make_batches
+from htmuon_dist import HTMuon, param_groups
 from multirank import run_ranks
-from test_distributed import OPT, PER_RANK_BATCH, assert_same_params, expected_bytes
+from test_checkpoint_reshard import batches, phase_worker
+from test_distributed import OPT, PER_RANK_BATCH, assert_same_params, expected_bytes, sharded_worker
 
 pytestmark = pytest.mark.multirank
 
@@ -59,33 +60,12 @@ def reference(kind, world, steps, accum, opt_kwargs):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, _row_states(opt)
 
 
+def _report(opt: HTMuon) -> dict:
+    return {"v": _row_states(opt), "bound": opt.memory_bound()}
+
+
 def worker(rank, world, kind, backend, steps, accum, opt_kwargs):
-    model = build(kind)
-    groups = param_groups(model, _convention(kind))
-    wrapped = wrap(model, kind, backend)
-    if backend == "fsdp2":
-        groups = param_groups(model, _convention(kind))
-    opt = HTMuon(groups, **opt_kwargs)
-    if backend == "fsdp1":
-        attach_fsdp1(opt, wrapped)
-    lo, hi = rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH
-    sent = []
-    for micro_batches in make_batches(kind, steps, accum, PER_RANK_BATCH * world):
-        for i, x in enumerate(micro_batches):
-            if backend == "ddp" and i < accum - 1:
-                with wrapped.no_sync():
-                    (loss_fn(kind, wrapped, x[lo:hi]) / accum).backward()
-            else:
-                (loss_fn(kind, wrapped, x[lo:hi]) / accum).backward()
-        opt.step()
-        opt.zero_grad()
-        sent.append(opt.comm_bytes_last_step)
-    engine = opt.engine
-    return {
-        "params": full_state(wrapped, backend), "v": _row_states(opt), "sent": sent,
-        "owners": engine.plan.owners, "layouts": [(l.shape, l.ranges) for l in engine.layouts],
-        "sources": engine.sources, "bound": opt.memory_bound(),
-    }
+    return sharded_worker(rank, world, kind, backend, steps, accum, opt_kwargs, report=_report)
 
 
 def _assert_v(results, want_v, tol=1e-4):
@@ -184,52 +164,20 @@ def test_zero_normuon_equals_single_process_and_resumes(stage, world, accum, tmp
 
 # -- checkpoint: save at W, load at W' (FSDP2, torch.distributed.checkpoint) ---------------------
 
-GLOBAL_BATCH = 12
-
-
-def _batches(steps, offset=0):
-    g = torch.Generator().manual_seed(123)
-    return [torch.randint(0, 128, (GLOBAL_BATCH, 12), generator=g) for _ in range(offset + steps)][offset:]
-
-
-def phase_worker(rank, world, ckpt, load, steps, offset, opt_kwargs):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model = build("llama", seed=99 if load else 0)
-    wrap(model, "llama", "fsdp2")
-    opt = HTMuon(param_groups(model, "reference"), **opt_kwargs)
-    if load:
-        model_sd, optim_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=ckpt)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    loaded_v = _row_states(opt)
-    per_rank = GLOBAL_BATCH // world
-    for x in _batches(steps, offset):
-        loss_fn("llama", model, x[rank * per_rank : (rank + 1) * per_rank]).backward()
-        opt.step()
-        opt.zero_grad()
-    if not load:
-        model_sd, optim_sd = get_state_dict(model, opt)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
-    return {"params": full_state(model, "fsdp2"), "v": _row_states(opt), "loaded_v": loaded_v}
-
-
 def test_v_saved_at_w2_loads_at_w3_and_continues_exactly(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    saved = run_ranks(phase_worker, 2, ckpt, False, 2, 0, HTNORMUON)
-    loaded = run_ranks(phase_worker, 3, ckpt, True, 2, 2, HTNORMUON)
+    saved = run_ranks(phase_worker, 2, ckpt, False, 2, 0, HTNORMUON, _row_states)
+    loaded = run_ranks(phase_worker, 3, ckpt, True, 2, 2, HTNORMUON, _row_states)
     model = build("llama")
     opt = HTMuon(param_groups(model, "reference"), process_group=None, **HTNORMUON)
-    for x in _batches(4):
+    for x in batches(4):
         loss_fn("llama", model, x).backward()
         opt.step()
         opt.zero_grad()
     want = {n: p.detach().clone() for n, p in model.named_parameters()}
     for r in loaded:
         # the loaded v is the saved one, whole, on every rank of the new world size
-        for name, v in saved[0]["v"].items():
-            assert torch.equal(r["loaded_v"][name], v), name
+        for name, v in saved[0]["final"].items():
+            assert torch.equal(r["loaded"][name], v), name
         assert_same_params(r["params"], want, tol=TOL)
-    _assert_v(loaded, _row_states(opt))
+    _assert_v([{"v": r["final"]} for r in loaded], _row_states(opt))

@@ -71,7 +71,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
-    methods = sorted(n for n in available_methods() if get_method(n).powers != "zero")
+    methods = sorted(n for n in available_methods()
+                     if get_method(n).powers != "zero" and get_method(n).stateful is None)
     print(f"p = {args.power}, fp32 on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; "
           f"err / err_c: worst over {', '.join(SPECTRA)}; time: one call / NS5's")
     head = "".join(f"{k:>11}" for k in SPECTRA)

@@ -40,6 +40,12 @@ _HTMUON_KEYS = (
 # The key of NorMuon's per-row second moment in a parameter's state: float32, one value per
 # row of the matrix (under ZeRO, the rows of every matrix of the flat partition, in order).
 NORMUON_STATE = "normuon_v"
+# The key of a stateful method's state (``method="stream"``: its (k, k) basis, k = min(m, n)):
+# float32, shaped and sharded like the parameter, the state in the first k² entries of each
+# matrix (row-major), zeros elsewhere; so it checkpoints and reshards like the momentum.
+METHOD_STATE = "method_state"
+# State that stays float32 whatever the parameter's dtype (torch's load casts to it).
+_FLOAT32_STATE = (NORMUON_STATE, METHOD_STATE)
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 # What the interval variant runs between its exact steps: Muon's Newton-Schulz polar factor.
 _MUON_SPEC = SpectralSpec(power=0.0, method="ns5", rtol=None)
@@ -70,7 +76,10 @@ class HTMuon(Optimizer):
         momentum: beta of the momentum buffer.
         nesterov: blend the gradient with the momentum (Nesterov) before the spectral map.
         weight_decay: decoupled weight decay of the HTMuon matrices (multiplied by lr).
-        method: spectral method name (see ``htmuon_dist.available_methods()``).
+        method: spectral method name (see ``htmuon_dist.available_methods()``). ``"stream"``
+            (the reference's htmuon_stream) keeps a warm-started basis per matrix in the
+            state ``"method_state"`` (float32, shaped like the parameter) and reports its
+            error through :meth:`stream_error`.
         rtol: relative singular-value cutoff (default: from the momentum's dtype).
         interval: if set to k, the exact ``method`` runs on every k-th step only (steps k, 2k,
             ...) and Muon's Newton–Schulz (power 0) on the others, as the reference's
@@ -359,6 +368,30 @@ class HTMuon(Optimizer):
         over the flat partitions, each exchanged in its own step() call)."""
         return sum(entry[0].comm_bytes_last_step for entry in self._engines.values())
 
+    def stream_error(self) -> Optional[float]:
+        """The largest error estimate of the last step over the matrices of a stateful method
+        (``method="stream"``): the RMS cosine between the columns of its ``U`` (0 once the
+        warm-started basis is the singular basis; docs/spectral.md relates it to the error
+        against the exact update). None when no matrix ran such a method in the last step.
+
+        Collective over the exchange group(s) (call it on every rank) when some group's method
+        keeps state; one host sync per exchange engine.
+        """
+        if not any(g["htmuon"] and get_method(g["method"]).stateful is not None for g in self.param_groups):
+            return None
+        found = None
+        for engine, _, _ in self._engines.values():
+            errs = list(engine.state_errors.values())
+            local = torch.stack(errs).max().reshape(1) if errs else torch.full((1,), -1.0)
+            if engine.world_size > 1:
+                coll = engine._device_for_collectives()
+                local = local.to(coll)
+                torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX, group=engine.group)
+            value = float(local.item())
+            if value >= 0 and (found is None or value > found):
+                found = value
+        return found
+
     def memory_bound(self) -> int:
         """This rank's contract for the bytes a step allocates beyond parameters, gradients
         and optimizer state (docs/distributed.md, "Memory contract"): the exchange's peak
@@ -479,18 +512,18 @@ class HTMuon(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         before = list(self.param_groups)
-        # torch casts floating state to the parameter's dtype; NorMuon's v stays float32 (the
-        # same mapping from saved ids to parameters as torch's).
+        # torch casts floating state to the parameter's dtype; NorMuon's v and the method state
+        # stay float32 (the same mapping from saved ids to parameters as torch's).
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        row_states = {
-            params[j]: st[NORMUON_STATE]
-            for j, key in enumerate(saved_ids) if j < len(params)
-            for st in [state_dict["state"].get(key, {})] if NORMUON_STATE in st
-        }
+        kept = [
+            (params[j], key, st[key])
+            for j, saved in enumerate(saved_ids) if j < len(params)
+            for st in [state_dict["state"].get(saved, {})] for key in _FLOAT32_STATE if key in st
+        ]
         super().load_state_dict(state_dict)
-        for p, v in row_states.items():
-            self.state[p][NORMUON_STATE] = v.detach().to(device=_local(p).device, dtype=torch.float32).clone()
+        for p, key, value in kept:
+            self.state[p][key] = value.detach().to(device=_local(p).device, dtype=torch.float32).clone()
         # torch replaces the group dicts: carry each group's originals over to its new dict.
         by_group = {id(origin[0]): origin for origin in self._origins}
         self._origins = [
@@ -518,8 +551,9 @@ class _MatrixUpdate:
         self.bufs: list[Optional[torch.Tensor]] = [None] * len(matrices)
         self.grads: list[Optional[torch.Tensor]] = list(grads)
         self.row_state: list[Optional[torch.Tensor]] = [None] * len(matrices)
+        self.method_state: list[Optional[torch.Tensor]] = [None] * len(matrices)
         self._device = torch.device("cpu")
-        for i, (p, _, _, _) in enumerate(matrices):
+        for i, (p, group, name, _) in enumerate(matrices):
             if not self.active[i]:
                 continue
             state = opt.state[p]
@@ -527,6 +561,8 @@ class _MatrixUpdate:
                 state["momentum_buffer"] = torch.zeros_like(p)
                 state["step"] = torch.tensor(0.0)
             self.bufs[i] = views[i](_local(state["momentum_buffer"]))
+            if get_method(group["method"]).stateful is not None:
+                self.method_state[i] = views[i](_local(_method_state(state, p, name)))
             self._device = self.bufs[i].device
             if self.grads[i] is None:  # other ranks hold this matrix's gradient
                 self.grads[i] = torch.zeros_like(self.bufs[i])
@@ -570,6 +606,17 @@ class _MatrixUpdate:
         """On every rank: stores the new v of each matrix (the owner's, bit for bit)."""
         for i, v in items:
             self.row_state[i].copy_(v)  # type: ignore[union-attr]
+
+    def state_into(self, i: int, a: int, b: int, out: torch.Tensor) -> None:
+        """Copies ``[a, b)`` of matrix i's method state (global offsets in this rank's part)."""
+        base = self._base(i)
+        out.copy_(self.method_state[i][a - base : b - base])  # type: ignore[index]
+
+    def apply_state(self, items: Sequence[tuple[int, int, torch.Tensor]]) -> None:
+        """Stores the new method state of matrix i from global offset a (this rank's part)."""
+        for i, a, values in items:
+            base = self._base(i)
+            self.method_state[i][a - base : a - base + values.numel()].copy_(values)  # type: ignore[index]
 
     @property
     def device(self) -> torch.device:
@@ -617,6 +664,20 @@ class _MatrixUpdate:
             if self.active[i] and id(p) not in stepped:
                 stepped.add(id(p))
                 self.opt.state[p]["step"] += 1
+
+
+def _method_state(state: dict, p: torch.Tensor, name: str) -> torch.Tensor:
+    """The parameter's method state (created as zeros: a cold start), checked."""
+    value = state.get(METHOD_STATE)
+    if value is None:
+        value = state[METHOD_STATE] = torch.zeros_like(p, dtype=torch.float32)
+    elif value.shape != p.shape or value.dtype != torch.float32:
+        raise ValueError(
+            f"{name}: the method state {METHOD_STATE!r} has {value.dtype} {tuple(value.shape)}, "
+            f"expected float32 {tuple(p.shape)} (shaped like the parameter); was the checkpoint "
+            f"saved from another model or partitioning?"
+        )
+    return value
 
 
 def _nonfinite_flag(grads: Sequence[torch.Tensor]) -> tuple["torch.Tensor | bool", Optional[torch.device]]:

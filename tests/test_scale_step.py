@@ -38,7 +38,7 @@ def _set_grads(params, seed):
         p.grad = torch.randn(p.shape, generator=g)
 
 
-@pytest.mark.parametrize("method", ["eigh", "svd"])
+@pytest.mark.parametrize("method", ["eigh", "svd", "stream"])
 def test_one_process_step_stays_within_the_memory_contract(method):
     params = _matrices(SMALL_1B)
     opt = HTMuon([{"params": params, "htmuon": True}], lr=0.01, method=method)
@@ -73,13 +73,13 @@ def test_bucket_cap_bounds_the_peak_and_a_single_bucket_does_not():
     assert peaks["streamed"] <= peaks["one bucket"] / 3
 
 
-def memory_worker(rank, world, backend):
+def memory_worker(rank, world, backend, method="eigh"):
     model = build("llama")
     groups = param_groups(model, "reference")
     wrapped = wrap(model, "llama", backend)
     if backend == "fsdp2":
         groups = param_groups(model, "reference")
-    opt = HTMuon(groups, **OPT)
+    opt = HTMuon(groups, **dict(OPT, method=method))
     lo, hi = rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH
     batches = make_batches("llama", 2, 1, PER_RANK_BATCH * world)
     loss_fn("llama", wrapped, batches[0][0][lo:hi]).backward()
@@ -91,9 +91,11 @@ def memory_worker(rank, world, backend):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("backend,world", [("fsdp2", 2), ("fsdp2", 3), ("ddp", 2)])
-def test_sharded_step_stays_within_the_memory_contract(backend, world):
-    for rank, (peak, bound) in enumerate(run_ranks(memory_worker, world, backend)):
+@pytest.mark.parametrize("backend,world,method", [
+    ("fsdp2", 2, "eigh"), ("fsdp2", 3, "eigh"), ("ddp", 2, "eigh"), ("fsdp2", 3, "stream"),
+])
+def test_sharded_step_stays_within_the_memory_contract(backend, world, method):
+    for rank, (peak, bound) in enumerate(run_ranks(memory_worker, world, backend, method)):
         assert 0 < peak <= bound, f"rank {rank}: peak {peak} > contract {bound}"
 
 
@@ -129,13 +131,13 @@ def _step_counters(opt) -> set[int]:
     return {id(s["step"]) for s in opt.state.values() if "step" in s}
 
 
-def sync_worker(rank, world, backend):
+def sync_worker(rank, world, backend, method="eigh"):
     model = build("llama")
     groups = param_groups(model, "muon")  # matrices and AdamW parameters both
     wrapped = wrap(model, "llama", backend)
     if backend == "fsdp2":
         groups = param_groups(model, "muon")
-    opt = HTMuon(groups, **OPT)
+    opt = HTMuon(groups, **dict(OPT, method=method))
     lo, hi = rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH
     counts = []
     for k, micro in enumerate(make_batches("llama", 3, 1, PER_RANK_BATCH * world)):
@@ -151,12 +153,14 @@ def sync_worker(rank, world, backend):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("backend,world", [("none", 1), ("fsdp2", 2), ("ddp", 2)])
-def test_one_host_synchronisation_per_step(backend, world):
+@pytest.mark.parametrize("backend,world,method", [
+    ("none", 1, "eigh"), ("fsdp2", 2, "eigh"), ("ddp", 2, "eigh"), ("fsdp2", 2, "stream"),
+])
+def test_one_host_synchronisation_per_step(backend, world, method):
     if world == 1:
-        counts = [sync_worker(0, 1, backend)]
+        counts = [sync_worker(0, 1, backend, method)]
     else:
-        counts = run_ranks(sync_worker, world, backend)
+        counts = run_ranks(sync_worker, world, backend, method)
     for rank, per_step in enumerate(counts):
         assert per_step == [["tolist"], ["tolist"]], f"rank {rank}: {per_step}"
 

@@ -121,15 +121,23 @@ def test_ns_roots_is_scale_equivariant() -> None:
 
 # --- stream ------------------------------------------------------------------------------------
 
-def _stream_float64(x: torch.Tensor, p: float, basis: torch.Tensor) -> torch.Tensor:
-    """The formula in float64 with Householder QR replaced by Gram-Schmidt-free Cholesky QR."""
-    xd = x.double()
+def _stream_float64_step(x: torch.Tensor, p: float, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's formula ``V = qr(XᵀX V)`` in float64, with Householder QR replaced by
+    Cholesky QR (R's diagonal > 0, as stream's sign convention); wide x by its transpose.
+    Returns (the update, the new basis)."""
+    wide = x.size(0) < x.size(1)
+    xd = (x.T if wide else x).double()
     y = xd.T @ (xd @ basis.double())
     r = torch.linalg.cholesky(y.T @ y).T  # Y = Q R with R upper, diag > 0
     q = torch.linalg.solve_triangular(r, y, upper=True, left=False)
     xv = xd @ q
     sig = xv.norm(dim=0)
-    return (xv * sig.pow(p - 1.0)) @ q.T
+    out = (xv * sig.pow(p - 1.0)) @ q.T
+    return (out.T if wide else out), q
+
+
+def _stream_float64(x: torch.Tensor, p: float, basis: torch.Tensor) -> torch.Tensor:
+    return _stream_float64_step(x, p, basis)[0]
 
 
 def test_stream_one_step_matches_float64_formula() -> None:
@@ -170,3 +178,31 @@ def test_stream_error_falls_as_the_warm_start_converges(shape: tuple[int, int]) 
 def test_stream_checks_the_basis_shape() -> None:
     with pytest.raises(ValueError, match=r"basis must be \(8, 8\)"):
         stream_power(torch.randn(20, 8), 0.125, basis=torch.eye(20))
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (10, 30)])
+def test_htmuon_stream_optimizer_matches_float64_over_steps(shape: tuple[int, int]) -> None:
+    """HTMuon(method="stream") for 6 steps against a float64 loop of the whole optimizer: Nesterov
+    momentum, the warm-started formula above with the basis carried from step to step, the
+    Muon scale and decoupled weight decay; ``stream_error()`` reports an estimate in [0, 1)."""
+    from htmuon_dist import HTMuon
+
+    lr, wd, beta, p = 0.02, 0.1, 0.95, 0.125
+    gen = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(*shape, generator=gen))
+    opt = HTMuon([w], lr=lr, power=p, momentum=beta, weight_decay=wd, method="stream", process_group=None)
+    ref, buf = w.detach().double().clone(), torch.zeros(shape, dtype=torch.float64)
+    basis = torch.eye(min(shape), dtype=torch.float64)
+    rows, cols = shape
+    for step in range(6):
+        g = torch.randn(*shape, generator=gen) * (1 + 0.1 * step)
+        w.grad = g.clone()
+        opt.step()
+        buf = beta * buf + (1 - beta) * g.double()
+        update, basis = _stream_float64_step((1 - beta) * g.double() + beta * buf, p, basis)
+        ref = ref * (1 - lr * wd) - lr * max(1.0, rows / cols) ** 0.5 * update
+        assert rel_err(w.detach(), ref) < 1e-6, step
+        assert 0.0 <= opt.stream_error() < 1.0
+    state = opt.state[w]["method_state"]
+    k = min(shape)
+    assert torch.allclose(state.reshape(-1)[: k * k].reshape(k, k).double(), basis, atol=1e-4)

@@ -20,6 +20,15 @@ scatter after the piece for every other rank (also ranks whose piece is empty), 
 ``ceil(4k / e)`` wire elements, so a bf16 wire carries it losslessly; every rank (the owner
 too) stores it through ``MatrixUpdate.apply_extra``. With no row state nothing changes.
 
+Method state (``stream``): a stateful method keeps ``k = state_numel(method, m, n) <= m·n``
+float32 values per matrix from one step to the next. The optimizer stores them sharded like
+the parameter: the first k entries of a float32 tensor shaped like it, so a rank holding the
+flat range ``[s, e)`` of the matrix holds ``[min(s, k), min(e, k))`` of the state, and
+checkpoints and resharding handle it as they handle the momentum. Each such part travels, as
+float32 bits, right after the rank's piece: to the owner in the gather
+(``MatrixUpdate.state_into``) and, updated, back in the scatter (``MatrixUpdate.apply_state``).
+An update without ``state_into`` (:meth:`ExchangeEngine.run`) runs the method without state.
+
 Pipelining keeps at most two buckets in flight: the gather of bucket k+1 runs while the
 owner computes bucket k, and bucket k-1's scatter is finished before that compute starts.
 
@@ -32,6 +41,7 @@ src_r(i) the part of matrix i that r sends to its owner and R_r(i) r's piece:
     gather:  sum over i with owner(i) != r of |src_r(i)|·e
     scatter: sum over i with owner(i) == r of sum over s != r of |R_s(i)|·e
     row state (only matrices with one): + sum over i with owner(i) == r of (W - 1)·ceil(4·k_i / e)·e
+    method state: + ceil(4·|part| / e)·e after each piece above, both ways
 
 Memory: :meth:`ExchangeEngine.memory_bound` gives each rank's peak of temporaries from the
 plan (docs/distributed.md, "Memory contract").
@@ -47,7 +57,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from ..spectral import method_cost, method_workspace, spectral_power_groups
+from ..spectral import method_cost, method_workspace, spectral_power_groups, state_numel, stateful_power
 from .layout import Range, ShardLayout, gather_sources, validate_ranges
 from .planner import Plan, make_plan
 
@@ -95,6 +105,15 @@ class MatrixUpdate(Protocol):
     #
     # def apply_extra(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
     #     On every rank: stores, per (i, state), matrix i's new row state (float32).
+    #
+    # Only for stateful methods (``stream``); without them the method runs without state:
+    #
+    # def state_into(self, i, a, b, out) -> None:
+    #     Writes ``[a, b)`` of matrix i's method state (within this rank's part) into the
+    #     float32 ``out``.
+    #
+    # def apply_state(self, items: Sequence[tuple[int, int, torch.Tensor]]) -> None:
+    #     Stores, per (i, a, values), the new method state of matrix i from offset a.
 
     @property
     def device(self) -> torch.device:
@@ -104,6 +123,30 @@ class MatrixUpdate(Protocol):
 def _offsets(splits: Sequence[int]) -> list[int]:
     """Start of each rank's chunk in a packed all_to_all buffer."""
     return [0, *itertools.accumulate(splits)][:-1]
+
+
+def _f32_wire_numel(n: int, wire: torch.dtype) -> int:
+    """Wire elements that carry n float32 values bit for bit."""
+    return -(-4 * n // torch.empty(0, dtype=wire).element_size())
+
+
+def _put_f32(out: torch.Tensor, values: torch.Tensor) -> None:
+    """Writes float32 ``values`` as raw bytes into the wire slice ``out``."""
+    out.view(torch.uint8)[: 4 * values.numel()] = values.contiguous().view(torch.uint8)
+
+
+def _get_f32(raw: torch.Tensor, n: int) -> torch.Tensor:
+    """The n float32 values at the start of the wire slice ``raw``: a view when its byte
+    offset is float32-aligned (always on a float32 wire), else a copy."""
+    data = raw.view(torch.uint8)[: 4 * n]
+    if data.storage_offset() % 4:
+        data = data.clone()
+    return data.view(torch.float32)
+
+
+def _part(k: int, rng: Range) -> Range:
+    """The part ``[min(s, k), min(e, k))`` of a matrix range that holds method state."""
+    return min(rng[0], k), min(rng[1], k)
 
 
 def _rank_and_world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -122,6 +165,7 @@ class _Pending:
     bucket: tuple[int, ...]
     sent: int = 0
     extras: bool = False  # the scatter carries row state after each piece
+    state: Optional[list[int]] = None  # per matrix, the method-state values riding along
 
 
 class ExchangeEngine:
@@ -192,6 +236,9 @@ class ExchangeEngine:
         ]
         self.comm_bytes_last_step = 0
         self.comm_bytes_total = 0
+        # on the owner, the last step's error estimate of each stateful method's matrix (0-d
+        # float32, left on the device)
+        self.state_errors: dict[int, torch.Tensor] = {}
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -298,14 +345,16 @@ class ExchangeEngine:
         """
         specs = list(specs) if specs is not None else self.specs
         buckets = self._active_buckets(active)
+        st = self._state_numels(specs, update)
+        self.state_errors = {}
         sent = 0
         if buckets:
             update.prepare(buckets[0])
-            gather = self._start_gather(buckets[0], update, self._wire(buckets[0], update))
+            gather = self._start_gather(buckets[0], update, self._wire(buckets[0], update), st)
             scatter: Optional[_Pending] = None
             for k, bucket in enumerate(buckets):
                 wire = self._wire(bucket, update)
-                batches, nbytes = self._finish_gather(bucket, update, specs, wire, gather)
+                batches, states, nbytes = self._finish_gather(bucket, update, specs, wire, gather, st)
                 gather = None  # its buffers go now, not when the next gather replaces them
                 sent += nbytes
                 if scatter is not None:
@@ -313,17 +362,19 @@ class ExchangeEngine:
                     scatter = None
                 if k + 1 < len(buckets):
                     update.prepare(buckets[k + 1])
-                    gather = self._start_gather(buckets[k + 1], update, self._wire(buckets[k + 1], update))
-                results = self._compute(batches, specs)
-                del batches
+                    gather = self._start_gather(buckets[k + 1], update, self._wire(buckets[k + 1], update), st)
+                results, new_states = self._compute(batches, specs, states)
+                del batches, states
                 extras = self._finish(bucket, results, update, wire)
                 update.apply(self._own_pieces(bucket, results))
                 if extras:
                     update.apply_extra(sorted(extras.items()))  # type: ignore[attr-defined]
+                if new_states:
+                    update.apply_state(self._own_state_parts(bucket, new_states, st))  # type: ignore[attr-defined]
                 scatter, nbytes = self._start_scatter(bucket, results, wire, update.device, extras,
-                                                      self._row_state_on(update))
+                                                      self._row_state_on(update), new_states, st)
                 sent += nbytes
-                del results, extras
+                del results, extras, new_states
             if scatter is not None:
                 self._finish_scatter(scatter, update)
         self.comm_bytes_last_step = sent
@@ -366,7 +417,7 @@ class ExchangeEngine:
         for bucket in self._active_buckets([p is not None for p in pieces]):
             wire = self._wire(bucket, update, exact=True)
             pending = self._start_gather(bucket, update, wire)
-            batches, _ = self._finish_gather(bucket, update, specs, wire, pending)
+            batches, _, _ = self._finish_gather(bucket, update, specs, wire, pending)
             for members, batch in batches.values():
                 for j, i in enumerate(members):
                     out[i] = fn(i, batch[j])
@@ -383,9 +434,25 @@ class ExchangeEngine:
         return _Pending(work=work, recv=recv, splits=recv_splits, bucket=bucket,
                         sent=send.numel() * send.element_size())
 
-    def _start_gather(self, bucket, update: MatrixUpdate, wire: torch.dtype) -> Optional[_Pending]:
-        """Writes, per destination owner, this rank's source slices into one send buffer and
-        starts the all_to_all."""
+    def _state_numels(self, specs: Sequence[SpectralSpec], update: Any) -> Optional[list[int]]:
+        """Per matrix, the method-state values of this step (None: no stateful method, or an
+        update that keeps no state)."""
+        if not callable(getattr(update, "state_into", None)):
+            return None
+        st = [state_numel(spec.method, *shape) for spec, shape in zip(specs, self.shapes)]
+        return st if any(st) else None
+
+    def _with_state(self, i: int, rng: Range, wire: torch.dtype, st: Optional[list[int]]) -> int:
+        """Wire elements of a piece ``rng`` of matrix i followed by its method-state part."""
+        if st is None or not st[i]:
+            return rng[1] - rng[0]
+        a, b = _part(st[i], rng)
+        return rng[1] - rng[0] + _f32_wire_numel(b - a, wire)
+
+    def _start_gather(self, bucket, update: MatrixUpdate, wire: torch.dtype,
+                      st: Optional[list[int]] = None) -> Optional[_Pending]:
+        """Writes, per destination owner, this rank's source slices (each followed by its
+        method-state part) into one send buffer and starts the all_to_all."""
         if self.world_size == 1:
             return None
         send_splits = [0] * self.world_size
@@ -393,13 +460,11 @@ class ExchangeEngine:
         for i in bucket:
             owner = self.plan.owners[i]
             if owner != self.rank:
-                start, end = self.sources[i][self.rank]
-                send_splits[owner] += end - start
+                send_splits[owner] += self._with_state(i, self.sources[i][self.rank], wire, st)
             else:
                 for src in range(self.world_size):
                     if src != self.rank:
-                        start, end = self.sources[i][src]
-                        recv_splits[src] += end - start
+                        recv_splits[src] += self._with_state(i, self.sources[i][src], wire, st)
         send = torch.empty(sum(send_splits), dtype=wire, device=update.device)
         offsets = _offsets(send_splits)
         for i in bucket:  # ascending index within each destination's chunk
@@ -408,29 +473,48 @@ class ExchangeEngine:
             if owner != self.rank and end > start:
                 update.source_into(i, start, end, send[offsets[owner] : offsets[owner] + end - start])
                 offsets[owner] += end - start
+                if st is not None and st[i]:
+                    a, b = _part(st[i], (start, end))
+                    if b > a:
+                        part = torch.empty(b - a, dtype=torch.float32, device=update.device)
+                        update.state_into(i, a, b, part)  # type: ignore[attr-defined]
+                        _put_f32(send[offsets[owner]:], part)
+                        offsets[owner] += _f32_wire_numel(b - a, wire)
         return self._all_to_all(send, send_splits, recv_splits, bucket)
 
     def _finish_gather(self, bucket, update: MatrixUpdate, specs, wire: torch.dtype,
-                       pending: Optional[_Pending]) -> tuple[dict[tuple, tuple[list[int], torch.Tensor]], int]:
+                       pending: Optional[_Pending], st: Optional[list[int]] = None,
+                       ) -> tuple[dict[tuple, tuple[list[int], torch.Tensor]], dict[tuple, torch.Tensor], int]:
         """Assembles each owned matrix whole, in the wire dtype, inside one batch tensor per
-        (shape, spec): ``{key: (matrix indices, (b, m, n) tensor)}``."""
+        (shape, spec): ``{key: (matrix indices, (b, m, n) tensor)}``, and the method state of
+        stateful keys: ``{key: (b, k) float32}``."""
         owned = [i for i in bucket if self.plan.owners[i] == self.rank]
         members: dict[tuple, list[int]] = {}
         for i in owned:
             members.setdefault((self.shapes[i], specs[i]), []).append(i)
         batches: dict[tuple, tuple[list[int], torch.Tensor]] = {}
+        states: dict[tuple, torch.Tensor] = {}
         slots: dict[int, torch.Tensor] = {}
+        state_slots: dict[int, torch.Tensor] = {}
         for key, idx in members.items():
             m, n = key[0]
             batch = torch.empty(len(idx), m, n, dtype=wire, device=update.device)
             batches[key] = (idx, batch)
+            k = st[idx[0]] if st is not None else 0
+            if k:
+                states[key] = torch.empty(len(idx), k, dtype=torch.float32, device=update.device)
             for j, i in enumerate(idx):
                 slots[i] = batch[j].view(-1)
                 start, end = self.layouts[i].ranges[self.rank]
                 if end > start:
                     update.source_into(i, start, end, slots[i][start:end])
+                if k:
+                    state_slots[i] = states[key][j]
+                    a, b = _part(k, (start, end))
+                    if b > a:
+                        update.state_into(i, a, b, state_slots[i][a:b])  # type: ignore[attr-defined]
         if pending is None:
-            return batches, 0
+            return batches, states, 0
         pending.work.wait()
         recv, offsets = pending.recv, _offsets(pending.splits)
         for i in owned:  # ascending index within each source's chunk, as packed by the sender
@@ -439,31 +523,48 @@ class ExchangeEngine:
                 if src != self.rank and end > start:
                     slots[i][start:end] = recv[offsets[src] : offsets[src] + end - start]
                     offsets[src] += end - start
-        return batches, pending.sent
+                    if i in state_slots:
+                        a, b = _part(st[i], (start, end))  # type: ignore[index]
+                        if b > a:
+                            state_slots[i][a:b] = _get_f32(recv[offsets[src]:], b - a)
+                            offsets[src] += _f32_wire_numel(b - a, wire)
+        return batches, states, pending.sent
 
-    def _compute(self, batches: dict[tuple, tuple[list[int], torch.Tensor]], specs) -> dict[int, torch.Tensor]:
+    def _compute(self, batches: dict[tuple, tuple[list[int], torch.Tensor]], specs,
+                 states: Optional[dict[tuple, torch.Tensor]] = None,
+                 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """``spectral_power`` of every owned matrix: same-shape ones batched within the
         workspace budget, the batches run by :func:`spectral_power_groups` (concurrently on
-        CUDA streams, in order on CPUs). Results are (m, n) in the wire dtype."""
+        CUDA streams, in order on CPUs); keys with method state (``states``) run in order
+        with it. Returns the results, (m, n) in the wire dtype, and the new method states
+        ``{i: (k,) float32}``; the methods' error estimates go to ``state_errors``."""
         jobs, members = [], []
-        for (shape, spec), (idx, batch) in batches.items():
-            m, n = shape
+        results: dict[int, torch.Tensor] = {}
+        new_states: dict[int, torch.Tensor] = {}
+        for key, (idx, batch) in batches.items():
+            (m, n), spec = key
             per = max(1, int(self.workspace_bytes // max(method_workspace(spec.method, m, n), 1)))
             for a in range(0, len(idx), per):
+                if states and key in states:
+                    out, state, err = stateful_power(batch[a : a + per], spec.power, spec.method,
+                                                     states[key][a : a + per], spec.rtol)
+                    for j, i in enumerate(idx[a : a + per]):
+                        results[i], new_states[i], self.state_errors[i] = out[j], state[j], err[j]
+                    continue
                 jobs.append((batch[a : a + per], spec.power, spec.method, spec.rtol))
                 members.append(idx[a : a + per])
         batches.clear()  # the jobs hold the inputs now; each goes with its job
         outs = spectral_power_groups(jobs)
         del jobs
-        return {i: out[j] for idx, out in zip(members, outs) for j, i in enumerate(idx)}
+        results.update({i: out[j] for idx, out in zip(members, outs) for j, i in enumerate(idx)})
+        return results, new_states
 
     def _row_state_on(self, update: Any) -> bool:
         return self.extra_numels is not None and callable(getattr(update, "finish", None))
 
     def _extra_wire_numel(self, i: int, wire: torch.dtype) -> int:
         """Wire elements that carry matrix i's float32 row state, bit for bit."""
-        e = torch.empty(0, dtype=wire).element_size()
-        return -(-4 * self.extra_numels[i] // e) if self.extra_numels is not None else 0
+        return _f32_wire_numel(self.extra_numels[i], wire) if self.extra_numels is not None else 0
 
     def _finish(self, bucket, results: dict[int, torch.Tensor], update: Any,
                 wire: torch.dtype) -> dict[int, torch.Tensor]:
@@ -495,11 +596,22 @@ class ExchangeEngine:
                 items.append((i, results[i].reshape(-1)[start:end]))
         return items
 
+    def _own_state_parts(self, bucket, new_states: dict[int, torch.Tensor],
+                         st: Optional[list[int]]) -> list[tuple[int, int, torch.Tensor]]:
+        items = []
+        for i, state in sorted(new_states.items()):
+            a, b = _part(st[i], self.layouts[i].ranges[self.rank])  # type: ignore[index]
+            if b > a:
+                items.append((i, a, state[a:b]))
+        return items
+
     def _start_scatter(self, bucket, results: dict[int, torch.Tensor], wire: torch.dtype,
                        device: torch.device, extras: Optional[dict[int, torch.Tensor]] = None,
-                       row_state: bool = False) -> tuple[Optional[_Pending], int]:
+                       row_state: bool = False, new_states: Optional[dict[int, torch.Tensor]] = None,
+                       st: Optional[list[int]] = None) -> tuple[Optional[_Pending], int]:
         """Packs every other rank's range of each owned result (followed by the matrix's row
-        state when it has one) and starts the all_to_all."""
+        state when it has one, then its part of the new method state) and starts the
+        all_to_all."""
         if self.world_size == 1:
             return None, 0
         k = [self._extra_wire_numel(i, wire) if row_state else 0 for i in range(len(self.shapes))]
@@ -510,9 +622,9 @@ class ExchangeEngine:
             if owner == self.rank:
                 for dst in range(self.world_size):
                     if dst != self.rank:
-                        send_splits[dst] += self.layouts[i].size_on(dst) + k[i]
+                        send_splits[dst] += self._with_state(i, self.layouts[i].ranges[dst], wire, st) + k[i]
             else:
-                recv_splits[owner] += self.layouts[i].size_on(self.rank) + k[i]
+                recv_splits[owner] += self._with_state(i, self.layouts[i].ranges[self.rank], wire, st) + k[i]
         send = torch.empty(sum(send_splits), dtype=wire, device=device)
         offsets = _offsets(send_splits)
         for i in bucket:
@@ -527,17 +639,23 @@ class ExchangeEngine:
                     send[offsets[dst] : offsets[dst] + end - start] = flat[start:end]
                     offsets[dst] += end - start
                 if k[i]:  # the float32 bytes, bit for bit, whatever the wire dtype
-                    state = extras[i].view(torch.uint8)  # type: ignore[index]
-                    send[offsets[dst] : offsets[dst] + k[i]].view(torch.uint8)[: state.numel()] = state
+                    _put_f32(send[offsets[dst] : offsets[dst] + k[i]], extras[i])  # type: ignore[index]
                     offsets[dst] += k[i]
+                if st is not None and st[i]:
+                    a, b = _part(st[i], (start, end))
+                    if b > a:
+                        _put_f32(send[offsets[dst]:], new_states[i][a:b])  # type: ignore[index]
+                        offsets[dst] += _f32_wire_numel(b - a, wire)
         pending = self._all_to_all(send, send_splits, recv_splits, bucket)
         pending.extras = row_state
+        pending.state = st
         return pending, pending.sent
 
     def _finish_scatter(self, pending: _Pending, update: MatrixUpdate) -> None:
         pending.work.wait()
         offsets = _offsets(pending.splits)
-        items, states = [], []
+        items, states, parts = [], [], []
+        st = pending.state
         for i in pending.bucket:
             owner = self.plan.owners[i]
             if owner == self.rank:
@@ -548,13 +666,18 @@ class ExchangeEngine:
                 offsets[owner] += size
             k = self._extra_wire_numel(i, pending.recv.dtype) if pending.extras else 0
             if k:
-                raw = pending.recv[offsets[owner] : offsets[owner] + k].view(torch.uint8)
-                # a copy: the slice's byte offset need not be float32-aligned
-                states.append((i, raw[: 4 * self.extra_numels[i]].clone().view(torch.float32)))  # type: ignore[index]
+                states.append((i, _get_f32(pending.recv[offsets[owner]:], self.extra_numels[i])))  # type: ignore[index]
                 offsets[owner] += k
+            if st is not None and st[i]:
+                a, b = _part(st[i], self.layouts[i].ranges[self.rank])
+                if b > a:
+                    parts.append((i, a, _get_f32(pending.recv[offsets[owner]:], b - a)))
+                    offsets[owner] += _f32_wire_numel(b - a, pending.recv.dtype)
         update.apply(items)
         if states:
             update.apply_extra(states)  # type: ignore[attr-defined]
+        if parts:
+            update.apply_state(parts)  # type: ignore[attr-defined]
 
     # -- memory contract --------------------------------------------------------------------
 
@@ -566,35 +689,50 @@ class ExchangeEngine:
         received) and Wk the compute workspace of its largest batch:
             peak = max over k of  e·G_{k+1} + max(2·e·O_k + W_k,  e·O_k + e·S_k)
                               and e·S_k + e·O_{k+1} + e·G_{k+1}
-        (when the wire is narrower than float32, the float32 product adds 4·(m·n) per batch
-        to W_k; with ``lanes`` concurrent CUDA streams, W_k is ``lanes`` batches' workspace).
+        (W_k counts every matrix of a same-shape compute batch; when the wire is narrower
+        than float32, the float32 product adds 4·(m·n) per matrix to W_k; with ``lanes``
+        concurrent CUDA streams, W_k is ``lanes`` batches' workspace).
         With row state (``extra_numels``), S_k also counts its wire elements and W_k is at least
         the owner's ``finish`` temporaries, taken as 16·m·n + 8·m bytes (NorMuon's float32
-        copies of one matrix). Parameters, gradients and optimizer state are not included.
+        copies of one matrix). Method state (``stream``) counts in O_k (the owner's assembled
+        state), G_k and S_k (its parts) as float32 values in wire elements. Parameters,
+        gradients and optimizer state are not included.
         """
         r = self.rank if rank is None else rank
         buckets = list(self.plan.buckets)
         own, gat, sca, work = [], [], [], []
+
+        def f32(n: int) -> int:
+            return -(-4 * n // wire_bytes)
+
         for bucket in buckets:
             o = g = s = 0
             w = 0.0
+            batch: dict[tuple, int] = {}
             for i in bucket:
                 numel = self.layouts[i].numel
                 m, n = self.shapes[i]
-                v = -(-4 * self.extra_numels[i] // wire_bytes) if self.extra_numels else 0
+                v = f32(self.extra_numels[i]) if self.extra_numels else 0
+                k = state_numel(self.specs[i].method, m, n)
+                src = [f32(b - a) for a, b in (_part(k, rng) for rng in self.sources[i])]
+                dst = [f32(b - a) for a, b in (_part(k, rng) for rng in self.layouts[i].ranges)]
                 if self.plan.owners[i] == r:
-                    o += numel
-                    g += sum(e - b for q, (b, e) in enumerate(self.sources[i]) if q != r)
-                    s += sum(self.layouts[i].size_on(q) + v for q in range(self.world_size) if q != r)
+                    o += numel + f32(k)
+                    g += sum(e - b + src[q] for q, (b, e) in enumerate(self.sources[i]) if q != r)
+                    s += sum(self.layouts[i].size_on(q) + v + dst[q] for q in range(self.world_size) if q != r)
                     extra = 4.0 * numel if wire_bytes < 4 else 0.0
-                    w = max(w, method_workspace(self.specs[i].method, m, n) + extra)
+                    per = method_workspace(self.specs[i].method, m, n) + extra
+                    key = (self.shapes[i], self.specs[i])
+                    batch[key] = batch.get(key, 0) + 1  # _compute batches same-shape matrices
+                    cap = max(1, int(self.workspace_bytes // max(per - extra, 1)))
+                    w = max(w, min(batch[key], cap) * per)
                     if v:
                         s += v  # the owner's own copy of the new row state
                         w = max(w, 16.0 * numel + 8.0 * m)
                 else:
                     b, e = self.sources[i][r]
-                    g += e - b
-                    s += self.layouts[i].size_on(r) + v
+                    g += e - b + src[r]
+                    s += self.layouts[i].size_on(r) + v + dst[r]
             own.append(o)
             gat.append(g)
             sca.append(s)

@@ -18,6 +18,7 @@ from . import tracked_ns as _tracked_ns  # noqa: F401  (registers "tracked_ns")
 from . import fast as _fast  # noqa: F401  (registers "gram_rr", "auto")
 from . import ns_roots as _ns_roots  # noqa: F401  (registers "ns_roots")
 from . import ht as _ht  # noqa: F401  (registers "ht")
+from . import stream as _stream  # noqa: F401  (registers "stream")
 from .cutoff import Cutoff, noise_cutoff
 from . import gram32 as _gram32  # noqa: F401  (registers "gram32")
 from . import auto_table  # noqa: F401  (auto's measured table)
@@ -31,10 +32,12 @@ from .registry import (
     method_cost,
     method_workspace,
     register_method,
+    state_numel,
 )
 
 __all__ = [
     "spectral_power",
+    "stateful_power",
     "newton_schulz5",
     "default_rtol",
     "Cutoff",
@@ -42,6 +45,7 @@ __all__ = [
     "get_method",
     "method_cost",
     "method_workspace",
+    "state_numel",
     "register_method",
     "check_power",
     "SpectralMethod",
@@ -92,6 +96,16 @@ def validate_power(power: float, name: str = "power") -> float:
     return value
 
 
+def _resolve_cutoff(M: torch.Tensor, rtol: Optional[float], eps: Optional[float]) -> Cutoff:
+    if rtol is None:
+        return default_rtol(M.dtype, M.shape, eps)
+    if isinstance(rtol, Cutoff):
+        return rtol
+    if not (math.isfinite(rtol) and 0.0 <= rtol < 1.0):
+        raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
+    return Cutoff(float(rtol))
+
+
 def spectral_power(
     M: torch.Tensor,
     power: float,
@@ -123,14 +137,7 @@ def spectral_power(
     power = validate_power(power)
     spec = get_method(method)
     check_power(method, power)
-    if rtol is None:
-        cutoff = default_rtol(M.dtype, M.shape, eps)
-    elif isinstance(rtol, Cutoff):
-        cutoff = rtol
-    else:
-        if not (math.isfinite(rtol) and 0.0 <= rtol < 1.0):
-            raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
-        cutoff = Cutoff(float(rtol))
+    cutoff = _resolve_cutoff(M, rtol, eps)
 
     batched = M.unsqueeze(0) if M.ndim == 2 else M
     if 0 in batched.shape:
@@ -141,6 +148,34 @@ def spectral_power(
     y = y.mT if wide else y
     y = y.to(M.dtype)
     return y[0] if M.ndim == 2 else y
+
+
+def stateful_power(
+    M: torch.Tensor,
+    power: float,
+    method: str,
+    state: torch.Tensor,
+    rtol: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stateful method (``stream``) on a batch, with its per-matrix state.
+
+    Args:
+        M: (b, m, n), floating point.
+        power, method, rtol: as in :func:`spectral_power` (the default cutoff follows M.dtype).
+        state: (b, state_numel(method, m, n)) float32, all zero for a matrix without state yet.
+
+    Returns:
+        (y (b, m, n) in M's dtype, new state like ``state``, err (b,) float32: the method's own
+        estimate of its error).
+    """
+    spec = get_method(method)
+    if spec.stateful is None:
+        raise ValueError(f"method {method!r} keeps no state; use spectral_power")
+    power = validate_power(power)
+    cutoff = _resolve_cutoff(M, rtol, None)
+    wide = M.size(-2) < M.size(-1)
+    y, new_state, err = spec.stateful(M.mT if wide else M, power, cutoff, state)
+    return (y.mT if wide else y).to(M.dtype), new_state, err
 
 
 # After spectral_power exists: grouped.py calls it.

@@ -41,6 +41,12 @@ class SpectralMethod:
         target: ``"sigma_power"`` when the method computes (or approximates) ``U Σ^p V^T``;
             ``"rank_power"`` for the reference's prescribed spectrum ``U diag(i^-p) V^T``, a
             different update that the HTMuon accuracy bar does not apply to.
+        state_numel: for methods that carry state from one step to the next (``stream``): the
+            float32 values of one (m, n) matrix's state (m >= n; at most m·n, so the optimizer
+            can store it in a tensor shaped like the parameter). None: stateless.
+        stateful: the method with its state: ``(x (b, m, n) with m >= n, power, rtol, state
+            (b, state_numel) float32, all zero = none yet) -> (y (b, m, n), new state, err
+            (b,) float32)``; ``fn`` is then its form without state.
     """
 
     name: str
@@ -51,6 +57,8 @@ class SpectralMethod:
     description: str
     workspace: Optional[CostFn] = None
     target: str = "sigma_power"
+    state_numel: Optional[CostFn] = None
+    stateful: Optional[Callable] = None
 
 
 _METHODS: dict[str, SpectralMethod] = {}
@@ -64,6 +72,8 @@ def register_method(method: SpectralMethod) -> SpectralMethod:
         raise ValueError(f"powers must be 'any', 'zero' or 'pow2', got {method.powers!r}")
     if method.target not in ("sigma_power", "rank_power"):
         raise ValueError(f"target must be 'sigma_power' or 'rank_power', got {method.target!r}")
+    if (method.state_numel is None) != (method.stateful is None):
+        raise ValueError("a stateful method needs both state_numel and stateful")
     _METHODS[method.name] = method
     return method
 
@@ -125,3 +135,9 @@ def check_power(name: str, power: float) -> None:
             f"repeated square roots, got power={power}; it is never rounded to the nearest one: "
             f"pass such a power or use 'eigh' for any power"
         )
+
+
+def state_numel(name: str, m: int, n: int) -> int:
+    """Float32 state values that method ``name`` keeps for one (m, n) matrix (0: stateless)."""
+    fn = get_method(name).state_numel
+    return int(fn(max(m, n), min(m, n))) if fn is not None else 0

@@ -24,8 +24,8 @@ import yaml
 from .common import REPO_ROOT, ConfigError, model_config_path
 
 OPTIMIZERS = (
-    "htmuon", "htmuon_interval", "htmuon_ns", "htmuon_ht", "muon", "normuon", "htnormuon",
-    "htnormuon_interval", "adamw",
+    "htmuon", "htmuon_interval", "htmuon_stream", "htmuon_ns", "htmuon_ht", "muon", "normuon",
+    "htnormuon", "htnormuon_interval", "adamw",
 )
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 PARAM_DTYPES = ("fp32", "bf16")
@@ -33,7 +33,7 @@ STRATEGIES = ("auto", "fsdp2", "fsdp1", "ddp", "deepspeed", "none")
 
 
 # optimizers whose spectral method is part of their name
-FIXED_METHODS = {"htmuon_ns": "ns_roots", "htmuon_ht": "ht"}
+FIXED_METHODS = {"htmuon_stream": "stream", "htmuon_ns": "ns_roots", "htmuon_ht": "ht"}
 
 
 @dataclass
@@ -89,12 +89,12 @@ class TrainArguments:
     output_dir: str = field(default="outputs/run", metadata={"help": "metrics, checkpoints, plot and the exported model"})
     optimizer: str = field(
         default="htmuon",
-        metadata={"help": "htmuon (exact U S^p V^T) | htmuon_interval (exact every k-th step, NS5 between) | htmuon_ns (the reference's NS polar x NS roots; p = 2^-k) | htmuon_ht (prescribed spectrum U diag(i^-p) V^T) | muon | normuon (Muon + NorMuon row normalisation) | htnormuon (HTMuon + NorMuon) | htnormuon_interval | adamw"},
+        metadata={"help": "htmuon (exact U S^p V^T) | htmuon_interval (exact every k-th step, NS5 between) | htmuon_stream (one warm-started QR power step per step; its basis is optimizer state) | htmuon_ns (the reference's NS polar x NS roots; p = 2^-k) | htmuon_ht (prescribed spectrum U diag(i^-p) V^T) | muon | normuon (Muon + NorMuon row normalisation) | htnormuon (HTMuon + NorMuon) | htnormuon_interval | adamw"},
     )
     lr: Optional[float] = field(default=None, metadata={"help": "lr of the matrix optimizer (adamw: of everything); default from the reference table"})
     adamw_lr: Optional[float] = field(default=None, metadata={"help": "lr of the AdamW part of htmuon/muon (norm gains...); default: the size's AdamW lr"})
     power: Optional[float] = field(default=None, metadata={"help": "HTMuon p (default 0.125; muon forces 0)"})
-    spectral_method: Optional[str] = field(default=None, metadata={"help": "eigh (exact, default for htmuon) | svd | tracked_ns | gram_rr | auto | ns5 (muon); see htmuon_dist.available_methods()"})
+    spectral_method: Optional[str] = field(default=None, metadata={"help": "eigh (exact, default for htmuon) | svd | tracked_ns | gram_rr | gram32 | auto | ns5 (muon) | ns_roots | ht | stream; with htnormuon, NorMuon on any of them; see htmuon_dist.available_methods()"})
     interval: Optional[int] = field(default=None, metadata={"help": "htmuon_interval: exact step every k-th step (default 5)"})
     param_convention: str = field(
         default="reference", metadata={"help": "reference (every >=2-D weight incl. embedding/head to HTMuon) | muon (embedding/head to AdamW)"}

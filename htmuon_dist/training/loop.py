@@ -34,6 +34,17 @@ from .preemption import PREEMPTED_EXIT, PreemptionWatch, process_group_kwargs, w
 from .parallel import apply_fsdp1, apply_fsdp2, clip_grad_norm, detect_strategy, set_gradient_sync
 
 
+def _htmuon_of(optimizer: Any) -> Any:
+    """The HTMuon inside Accelerate's / DeepSpeed's optimizer wrappers, or None (AdamW)."""
+    from htmuon_dist import HTMuon
+
+    for _ in range(4):
+        if isinstance(optimizer, HTMuon):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
 def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -357,7 +368,7 @@ def train_step(rt: Runtime, built: Built, batches, step: int) -> StepResult:
             rt.accelerator.backward(scaled)
         loss_sum += loss.detach().double()
     grad_norm = clip_grad_norm(model, strategy, rt.cfg.train.grad_clip) if strategy != "deepspeed" else None
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _htmuon_of(optimizer) or optimizer
     skipped_before = getattr(inner, "skipped_steps", 0)
     optimizer.step()
     skipped = getattr(inner, "skipped_steps", 0) > skipped_before
@@ -402,6 +413,10 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
             row = {"step": step, "loss": step_loss, "lr": built.scheduler.get_last_lr()[0], "tokens": progress.tokens, "tokens_per_s": tps}
             if res.grad_norm is not None:
                 row["grad_norm"] = float(res.grad_norm)
+            stream_error = _htmuon_of(built.optimizer)
+            stream_error = stream_error.stream_error() if stream_error is not None else None
+            if stream_error is not None:  # htmuon_stream: how far its warm basis is from converged
+                row["stream_error"] = stream_error
             if not math.isfinite(step_loss) and not res.skipped:
                 raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or raise --warmup_steps")
             writer.log(row)

@@ -28,7 +28,7 @@ def matrix_names(model: nn.Module, convention: str) -> set[str]:
 
 
 def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str]) -> torch.optim.Optimizer:
-    """The HTMuon family (htmuon, htmuon_interval, htmuon_ns, htmuon_ht, muon, normuon,
+    """The HTMuon family (htmuon, htmuon_interval, htmuon_stream, htmuon_ns, htmuon_ht, muon, normuon,
     htnormuon, htnormuon_interval): :class:`htmuon_dist.HTMuon` on ``matrices`` (kwargs from
     :func:`htmuon_kwargs`) and its AdamW (betas 0.9/0.95, eps 1e-10 as the reference, weight
     decay ``--adamw_weight_decay``) on the rest.
@@ -55,10 +55,12 @@ def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str]) -> 
 
 
 # --optimizer -> (NorMuon row normalisation on?, interval steps on?); the spectral method and
-# power come from resolve() (htmuon_ns -> ns_roots, htmuon_ht -> ht, muon/normuon -> p 0, ns5).
+# power come from resolve() (htmuon_stream -> stream, htmuon_ns -> ns_roots, htmuon_ht -> ht,
+# muon/normuon -> p 0, ns5).
 _HTMUON_FAMILY = {
     "htmuon": (False, False),
     "htmuon_interval": (False, True),
+    "htmuon_stream": (False, False),
     "htmuon_ns": (False, False),
     "htmuon_ht": (False, False),
     "muon": (False, False),

@@ -15,6 +15,7 @@ BASE = ["--model", "60m", "--micro_batch_size", "64"]
 EXPECTED = {
     "htmuon": ("eigh", 0.125, None, False),
     "htmuon_interval": ("eigh", 0.125, 5, False),
+    "htmuon_stream": ("stream", 0.125, None, False),
     "htmuon_ns": ("ns_roots", 0.125, None, False),
     "htmuon_ht": ("ht", 0.125, None, False),
     "muon": ("ns5", 0.0, None, False),
@@ -81,8 +82,8 @@ def test_help_lists_every_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--adjust_lr_fn" in out and "--param_dtype" in out
 
 
-@pytest.mark.parametrize("name", ["htmuon_ns", "htmuon_ht", "htmuon", "normuon", "htnormuon",
-                                  "htnormuon_interval"])
+@pytest.mark.parametrize("name", ["htmuon_ns", "htmuon_ht", "htmuon", "htmuon_stream", "normuon",
+                                  "htnormuon", "htnormuon_interval"])
 def test_variant_optimizers_build_and_step(name: str) -> None:
     """Every HTMuon-family name builds HTMuon from its kwargs and steps; the NorMuon family
     keeps its per-row state (one float32 value per row)."""
@@ -98,6 +99,10 @@ def test_variant_optimizers_build_and_step(name: str) -> None:
     assert torch.isfinite(layer.weight).all() and not torch.equal(before, layer.weight)
     v = opt.state[layer.weight].get("normuon_v")
     assert (v is not None) == EXPECTED[name][3]
+    basis = opt.state[layer.weight].get("method_state")  # the stream basis: float32, like the weight
+    assert (basis is not None) == (name == "htmuon_stream")
+    if basis is not None:
+        assert basis.shape == layer.weight.shape and basis.dtype == torch.float32 and basis.any()
     if v is not None:
         assert v.shape == (24,) and v.dtype == torch.float32 and bool((v > 0).all())
 
@@ -141,3 +146,10 @@ def test_c4_reference_yaml_has_the_reference_settings() -> None:
     assert (t.total_batch_size, cfg.data.seq_len, cfg.data.packing, t.min_lr_ratio) == (512, 256, False, 0.1)
     assert (t.lr, t.max_steps, t.warmup_steps, t.power) == (0.03, 20_000, 2_000, 0.125) and accum == 2
     assert htmuon_kwargs(t)["adamw_weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("method,power", [("ns_roots", 0.125), ("ht", 0.125), ("stream", 0.125)])
+def test_normuon_combines_with_the_other_variants_through_spectral_method(method: str, power: float) -> None:
+    """The reference's htmuon_normuon_ns / _ht / _stream: ``--optimizer htnormuon --spectral_method X``."""
+    kw = htmuon_kwargs(_resolved("--optimizer", "htnormuon", "--spectral_method", method))
+    assert (kw["method"], kw["power"], kw["normuon"]) == (method, power, True)

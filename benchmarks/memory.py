@@ -71,6 +71,8 @@ def layer_set_worker(rank: int, world: int, name: str, device: str, method: str)
     from torch.distributed.tensor import DTensor, Shard
 
     from htmuon_dist import HTMuon
+    from htmuon_dist.optimizer import METHOD_STATE
+    from htmuon_dist.spectral import get_method
 
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(device, (world,)) if world > 1 else None
@@ -90,9 +92,12 @@ def layer_set_worker(rank: int, world: int, name: str, device: str, method: str)
     params = [torch.nn.Parameter(make(s)) for s in shapes]
     names = [f"{name}.{i}.{m}x{n}" for i, (m, n) in enumerate(shapes)]
     opt = HTMuon([{"params": params, "param_names": names, "htmuon": True}], method=method)
+    stateful = get_method(method).stateful is not None
     for p in params:  # the state a first step would have created
         opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         opt.state[p]["step"] = torch.tensor(0.0)
+        if stateful:  # e.g. stream's basis, float32 and shaped like the parameter
+            opt.state[p][METHOD_STATE] = torch.zeros_like(p, dtype=torch.float32)
         p.grad = make(p.shape)
     if dev.type == "cuda":
         torch.cuda.synchronize()

@@ -135,6 +135,13 @@ def _put_f32(out: torch.Tensor, values: torch.Tensor) -> None:
     out.view(torch.uint8)[: 4 * values.numel()] = values.contiguous().view(torch.uint8)
 
 
+def _f32_slot(out: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """The first n float32 values of the wire slice ``out`` as a float32 view, or None when
+    its byte offset is not float32-aligned."""
+    data = out.view(torch.uint8)[: 4 * n]
+    return data.view(torch.float32) if data.storage_offset() % 4 == 0 else None
+
+
 def _get_f32(raw: torch.Tensor, n: int) -> torch.Tensor:
     """The n float32 values at the start of the wire slice ``raw``: a view when its byte
     offset is float32-aligned (always on a float32 wire), else a copy."""
@@ -476,9 +483,11 @@ class ExchangeEngine:
                 if st is not None and st[i]:
                     a, b = _part(st[i], (start, end))
                     if b > a:
-                        part = torch.empty(b - a, dtype=torch.float32, device=update.device)
+                        slot = _f32_slot(send[offsets[owner]:], b - a)  # straight into the buffer
+                        part = slot if slot is not None else torch.empty(b - a, dtype=torch.float32, device=update.device)
                         update.state_into(i, a, b, part)  # type: ignore[attr-defined]
-                        _put_f32(send[offsets[owner]:], part)
+                        if slot is None:
+                            _put_f32(send[offsets[owner]:], part)
                         offsets[owner] += _f32_wire_numel(b - a, wire)
         return self._all_to_all(send, send_splits, recv_splits, bucket)
 

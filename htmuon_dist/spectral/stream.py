@@ -31,11 +31,14 @@ from .exact import _powered
 from .registry import SpectralMethod, register_method
 
 
-def _signed_q(a: torch.Tensor) -> torch.Tensor:
-    """Q of a's thin QR with R's diagonal made >= 0: unique, so the basis changes continuously
-    from one step to the next."""
-    q, r = torch.linalg.qr(a)
-    return q.mul_(torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype).unsqueeze(-2))
+def _signed_q(factored: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Q of a thin QR from ``torch.geqrf``'s output, with R's diagonal made >= 0: unique, so
+    the basis changes continuously from one step to the next. Taking geqrf's output (not the
+    matrix) lets the caller's product be freed before Q is formed: two (m, n) at a time."""
+    h, tau = factored
+    n = h.size(-1)
+    signs = torch.where(torch.diagonal(h[..., :n, :], dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(h.dtype)
+    return torch.linalg.householder_product(h, tau).mul_(signs.unsqueeze(-2))
 
 
 def _stream_step(xf: torch.Tensor, power: float, rtol: float, basis: torch.Tensor
@@ -43,8 +46,8 @@ def _stream_step(xf: torch.Tensor, power: float, rtol: float, basis: torch.Tenso
     """The step on a (b, m, n) float32 batch with m >= n and a (b, n, n) float32 basis (all
     zero = cold). Returns (y (b, m, n), new basis (b, n, n), err (b,)), all float32.
 
-    Temporaries: at most three (m, n) float32 matrices at once (the first QR's input, its
-    working copy and Q) besides ``xf`` and y; everything else is (n, n)."""
+    Temporaries: at most two (m, n) float32 matrices at once besides ``xf`` (the first QR's
+    input and its factors, then its factors and Q, then X V and y); everything else is (n, n)."""
     n = xf.size(-1)
     eye = torch.eye(n, dtype=xf.dtype, device=xf.device)
     cold = basis.abs().amax(dim=(-2, -1), keepdim=True) == 0  # no host sync: a mask
@@ -53,7 +56,9 @@ def _stream_step(xf: torch.Tensor, power: float, rtol: float, basis: torch.Tenso
     # right factor that is upper triangular leaves Q unchanged), but each half has X's condition
     # number, not its square: forming X^T X V in float32 lets 1e-7 of gradient noise move the
     # update by 1e-3 (tests/test_stream_sharded.py).
-    v = _signed_q(xf.mT @ _signed_q(xf @ basis))
+    q1 = _signed_q(torch.geqrf(xf @ basis))
+    v = _signed_q(torch.geqrf(xf.mT @ q1))
+    del q1
     xv = xf @ v  # columns sigma_i u_i
     sigma = torch.linalg.vector_norm(xv, dim=-2)  # (b, n)
     coeff = _powered(sigma, float(power) - 1.0, rtol)
@@ -152,8 +157,8 @@ register_method(
         powers="any",
         description="the reference's htmuon_stream: one warm-started QR power step per "
                     "training step (its basis is optimizer state; without state: cold)",
-        # three (m, n) float32 temporaries (see _stream_step), the (n, n) ones and the basis
-        workspace=lambda m, n: 12.0 * m * n + 48.0 * n * n,
+        # two (m, n) float32 temporaries (see _stream_step), the (n, n) ones and the basis
+        workspace=lambda m, n: 8.0 * m * n + 48.0 * n * n,
         state_numel=stream_state_numel,
         stateful=stream_step,
     )

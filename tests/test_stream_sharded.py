@@ -7,9 +7,9 @@ engine's formula plus each rank's part of the basis both ways; a DCP checkpoint 
 loads at W' with the basis, and the run continues exactly (a cold basis would not).
 
 Tolerance: 1e-4 relative per parameter, not 1e-5, because the method itself amplifies the
-backends' summation-order noise. Measured in ONE process (tiny LLaMA, 3 steps): multiplying
-every gradient by (1 + 1e-7·N(0, 1)) moves a parameter by 1.4e-5 with stream (eigh: 2.4e-7) at a
-global batch of 6; at a batch of 4 the q/k gradients are rank-deficient, the warm basis's
+backends' summation-order noise. Measured in ONE process (tiny LLaMA, 3 steps,
+benchmarks/noise_sensitivity.py): multiplying every gradient by (1 + 1e-7·N(0, 1)) moves a
+parameter by 1.4e-5 with stream (eigh: 3.7e-7) at a global batch of 6; at a batch of 4 the q/k gradients are rank-deficient, the warm basis's
 trailing columns are set by rounding noise and the same 1e-7 moves them by 4.5e-3, so every
 case here steps on at least 6 sequences. The odd-shapes model of the other sharded tests is
 worse (its 5 x 3 conv weight moves by 1.1e-3 under that noise in one process), so uneven,

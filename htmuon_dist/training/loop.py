@@ -413,8 +413,8 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
             row = {"step": step, "loss": step_loss, "lr": built.scheduler.get_last_lr()[0], "tokens": progress.tokens, "tokens_per_s": tps}
             if res.grad_norm is not None:
                 row["grad_norm"] = float(res.grad_norm)
-            stream_error = _htmuon_of(built.optimizer)
-            stream_error = stream_error.stream_error() if stream_error is not None else None
+            htmuon = _htmuon_of(built.optimizer)
+            stream_error = htmuon.stream_error() if htmuon is not None else None
             if stream_error is not None:  # htmuon_stream: how far its warm basis is from converged
                 row["stream_error"] = stream_error
             if not math.isfinite(step_loss) and not res.skipped:

@@ -43,18 +43,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     about one CPU run in ten at exit ("terminate called without an active exception", exit
     -6) after everything had been written. Every file is closed by then.
     """
-    ended_distributed: list[bool] = []
-    code = _main(argv, ended_distributed)
-    if ended_distributed:
+    import torch.distributed as dist
+
+    try:
+        code = _main(argv)
+    finally:  # also when _main raises: the traceback follows, and the normal exit
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.destroy_process_group()
+    if distributed:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
 
 
-def _main(argv: Optional[Sequence[str]], ended_distributed: list[bool]) -> int:
-    import torch.distributed as dist
-
+def _main(argv: Optional[Sequence[str]]) -> int:
     from .preemption import PREEMPTED_EXIT, PREEMPTED_MARKER, PreemptionWatch
 
     started, timeout_s = False, "?"
@@ -99,10 +103,6 @@ def _main(argv: Optional[Sequence[str]], ended_distributed: list[bool]) -> int:
                   file=sys.stderr, flush=True)
             os._exit(1)  # destroy_process_group could block on the dead peer
         raise
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-            ended_distributed.append(True)
     return 0
 
 

@@ -384,7 +384,7 @@ class HTMuon(Optimizer):
             errs = list(engine.state_errors.values())
             local = torch.stack(errs).max().reshape(1) if errs else torch.full((1,), -1.0)
             if engine.world_size > 1:
-                coll = engine._device_for_collectives()
+                coll = engine.collective_device()
                 local = local.to(coll)
                 torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX, group=engine.group)
             value = float(local.item())

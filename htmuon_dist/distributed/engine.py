@@ -125,9 +125,14 @@ def _offsets(splits: Sequence[int]) -> list[int]:
     return [0, *itertools.accumulate(splits)][:-1]
 
 
+def _f32_numel(n: int, elem_bytes: int) -> int:
+    """Elements of ``elem_bytes`` each that carry n float32 values bit for bit."""
+    return -(-4 * n // elem_bytes)
+
+
 def _f32_wire_numel(n: int, wire: torch.dtype) -> int:
     """Wire elements that carry n float32 values bit for bit."""
-    return -(-4 * n // torch.empty(0, dtype=wire).element_size())
+    return _f32_numel(n, torch.empty(0, dtype=wire).element_size())
 
 
 def _put_f32(out: torch.Tensor, values: torch.Tensor) -> None:
@@ -301,7 +306,7 @@ class ExchangeEngine:
         Returns:
             (any rank non-finite, per matrix: some rank has a gradient for it).
         """
-        coll = self._device_for_collectives() if self.world_size > 1 else (device or torch.device("cpu"))
+        coll = self.collective_device() if self.world_size > 1 else (device or torch.device("cpu"))
         head = torch.tensor([step, *map(int, has_piece)], dtype=torch.int64)
         flag = torch.as_tensor(nonfinite).reshape(1).to(device=coll, dtype=torch.int64)
         local = torch.cat([head.to(coll, non_blocking=True), flag])
@@ -320,7 +325,8 @@ class ExchangeEngine:
         active = [any(row[1 + j] for row in table) for j in range(len(has_piece))]
         return any(row[-1] for row in table), active
 
-    def _device_for_collectives(self) -> torch.device:
+    def collective_device(self) -> torch.device:
+        """Where this engine's small collectives run (the current CUDA device under NCCL)."""
         backend = dist.get_backend(self.group)
         if backend == "nccl" and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -711,9 +717,6 @@ class ExchangeEngine:
         buckets = list(self.plan.buckets)
         own, gat, sca, work = [], [], [], []
 
-        def f32(n: int) -> int:
-            return -(-4 * n // wire_bytes)
-
         for bucket in buckets:
             o = g = s = 0
             w = 0.0
@@ -721,12 +724,12 @@ class ExchangeEngine:
             for i in bucket:
                 numel = self.layouts[i].numel
                 m, n = self.shapes[i]
-                v = f32(self.extra_numels[i]) if self.extra_numels else 0
+                v = _f32_numel(self.extra_numels[i], wire_bytes) if self.extra_numels else 0
                 k = state_numel(self.specs[i].method, m, n)
-                src = [f32(b - a) for a, b in (_part(k, rng) for rng in self.sources[i])]
-                dst = [f32(b - a) for a, b in (_part(k, rng) for rng in self.layouts[i].ranges)]
+                src = [_f32_numel(b - a, wire_bytes) for a, b in (_part(k, rng) for rng in self.sources[i])]
+                dst = [_f32_numel(b - a, wire_bytes) for a, b in (_part(k, rng) for rng in self.layouts[i].ranges)]
                 if self.plan.owners[i] == r:
-                    o += numel + f32(k)
+                    o += numel + _f32_numel(k, wire_bytes)
                     g += sum(e - b + src[q] for q, (b, e) in enumerate(self.sources[i]) if q != r)
                     s += sum(self.layouts[i].size_on(q) + v + dst[q] for q in range(self.world_size) if q != r)
                     extra = 4.0 * numel if wire_bytes < 4 else 0.0

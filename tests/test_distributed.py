@@ -85,6 +85,15 @@ def expected_bytes(result, rank, elem=4):
     return total * elem
 
 
+def assert_same_on_every_rank(per_rank: list[dict[str, torch.Tensor]]) -> None:
+    """Replicated values: every rank has the first rank's names and, bit for bit, its tensors."""
+    first = per_rank[0]
+    for rank, values in enumerate(per_rank[1:], start=1):
+        assert set(values) == set(first), f"rank {rank}: {set(values) ^ set(first)}"
+        for name, value in first.items():
+            assert torch.equal(values[name], value), f"rank {rank} differs at {name}"
+
+
 def assert_same_params(got, want, tol=TOL):
     assert set(got) == set(want), set(got) ^ set(want)
     worst = max(

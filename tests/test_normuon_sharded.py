@@ -25,7 +25,8 @@ from dist_models import build, loss_fn, make_batches
 from htmuon_dist import HTMuon, param_groups
 from multirank import run_ranks
 from test_checkpoint_reshard import batches, phase_worker
-from test_distributed import OPT, PER_RANK_BATCH, assert_same_params, expected_bytes, sharded_worker
+from test_distributed import (OPT, PER_RANK_BATCH, assert_same_on_every_rank, assert_same_params, expected_bytes,
+                              sharded_worker)
 
 pytestmark = pytest.mark.multirank
 
@@ -71,9 +72,7 @@ def worker(rank, world, kind, backend, steps, accum, opt_kwargs):
 def _assert_v(results, want_v, tol=1e-4):
     first = results[0]["v"]
     assert set(first) == set(want_v) and first
-    for r in results[1:]:  # replicated: bit-identical on every rank, owner or not
-        for name, v in first.items():
-            assert torch.equal(r["v"][name], v), name
+    assert_same_on_every_rank([r["v"] for r in results])  # replicated: owner or not
     for name, v in first.items():
         assert v.dtype == torch.float32
         ref = want_v[name].double()
@@ -113,9 +112,7 @@ def test_bf16_wire_carries_v_bit_exactly_to_every_rank():
     opts = dict(HTNORMUON, comm_dtype=torch.bfloat16)
     results = run_ranks(worker, 3, "llama", "ddp", 2, 1, opts)
     first = results[0]
-    for r in results[1:]:
-        for name, value in first["params"].items():
-            assert torch.equal(r["params"][name], value), name
+    assert_same_on_every_rank([r["params"] for r in results])
     want, want_v = reference("llama", 3, 2, 1, opts)  # the same bf16 wire in one process
     _assert_v(results, want_v, tol=2e-2)  # bf16 rounding of the momentum, amplified by Σ^p
     exact = sum(int((v != v.bfloat16().float()).sum()) for v in first["v"].values())
@@ -145,10 +142,7 @@ def test_zero_normuon_equals_single_process_and_resumes(stage, world, accum, tmp
     # one flat v per partition: rows of its matrices; replicated on every rank
     states = full[0]["row_states"]
     assert states and (stage != 3 or len(states) > 1)  # ZeRO-3: several sub-group partitions
-    for r in full[1:]:
-        assert set(r["row_states"]) == set(states)
-        for name, v in states.items():
-            assert torch.equal(r["row_states"][name], v), name
+    assert_same_on_every_rank([r["row_states"] for r in full])
     rows = sum(shape[0] for shape, _ in full[0]["layouts"])
     assert sum(v.numel() for v in states.values()) == rows
     resumed = run_ranks(ds_workers.zero_worker, world, stage, steps, accum, opts, False,

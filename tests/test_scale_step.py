@@ -19,7 +19,7 @@ from dist_models import build, full_state, loss_fn, make_batches, wrap
 from htmuon_dist import HTMuon, functional as F, param_groups, spectral_power
 from memtrack import allocator_peak
 from multirank import run_ranks
-from test_distributed import OPT, PER_RANK_BATCH, assert_same_params, reference_run
+from test_distributed import OPT, PER_RANK_BATCH, assert_same_on_every_rank, assert_same_params, reference_run
 
 MiB = 1 << 20
 BF16_WIRE_TOL = 5e-3  # measured 9e-4 after 5 steps at W = 3 (DDP) against the one-process run
@@ -218,9 +218,7 @@ def test_bf16_wire_keeps_ddp_replicas_bit_identical_at_w3():
     results = run_ranks(ddp_wire_worker, 3, 5)
     first, owners = results[0]
     assert owners == [0, 1, 2]  # every rank owned some matrices, so every rank sent results
-    for params, _ in results[1:]:
-        for name, value in first.items():
-            assert torch.equal(params[name], value), f"replicas differ at {name}"
+    assert_same_on_every_rank([params for params, _ in results])
     # the one-process run with the same wire: equal up to the gradient reduction order, which
     # can flip a bf16 rounding here and there
     want = reference_run("llama", 3, 5, 1, dict(OPT, comm_dtype=torch.bfloat16))

@@ -10,12 +10,12 @@ by a per-row second moment v (:func:`htmuon_dist.normuon.normuon_rescale`) befor
 v is replicated on every rank of the exchange group (docs/distributed.md).
 Every other parameter gets bias-corrected AdamW with decoupled weight decay.
 
-This module is the ``torch.optim.Optimizer`` facade: param groups, state and validation. The
-arithmetic lives in :mod:`htmuon_dist.functional`, and
-:class:`~htmuon_dist.distributed.engine.ExchangeEngine` streams the matrices bucket by bucket
-through their owners, calling back into :class:`_MatrixUpdate` for the elementwise parts,
-which run on each rank's local shard. With one process (or DDP) the same code runs with
-whole matrices.
+This module is the ``torch.optim.Optimizer`` facade: param groups, hyper-parameters,
+validation, state_dict and AdamW. The arithmetic lives in :mod:`htmuon_dist.functional`; the
+matrices of each partition form a :class:`~htmuon_dist.distributed.matrix_set.MatrixSet`
+(placements, state views, the update callbacks), whose
+:class:`~htmuon_dist.distributed.engine.ExchangeEngine` streams them bucket by bucket through
+their owners. With one process (or DDP) the same code runs with whole matrices.
 """
 
 from __future__ import annotations

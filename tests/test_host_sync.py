@@ -171,7 +171,7 @@ def test_two_rank_step_reads_nothing_and_only_exchanges(backend, method):
 @pytest.mark.multirank
 def test_zero2_step_reads_nothing_and_only_exchanges():
     pytest.importorskip("deepspeed")
-    for per_step, buckets in run_ranks(zero2_worker, 2):
+    for per_step, buckets in run_ranks(zero2_worker, 2, timeout=600):
         _assert_clean(per_step, 2, buckets)
 
 

@@ -167,10 +167,15 @@ def test_adamw_matches_torch_adamw():
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
         ref.step()
-        F.adamw_(ours, grads, m, v, [step] * 3, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                 weight_decay=0.1)
+        F.adamw_(ours, grads, m, v, [torch.tensor(float(step))] * 3, lr=1e-2, betas=(0.9, 0.95),
+                 eps=1e-8, weight_decay=0.1, keep=torch.tensor(1.0))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+    # keep = 0 (a skipped step, decided on the device): every tensor stays bit for bit
+    before = [t.clone() for t in ours + m + v]
+    F.adamw_(ours, [torch.randn(*s) for s in shapes], m, v, [torch.tensor(6.0)] * 3, lr=1e-2,
+             betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, keep=torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(ours + m + v, before))
 
 
 def test_momentum_nesterov_and_update_follow_the_formulas():

@@ -129,6 +129,10 @@ class MatrixSet:
                 st["momentum_buffer"] = torch.zeros_like(p)
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
+            elif st["step"].device != local(p).device or st["step"].dtype != torch.float32:
+                # a counter set by hand (e.g. torch.tensor(0.0) on the CPU): the step adds the
+                # device-side keep flag to it, so it lives with the parameter
+                st["step"] = st["step"].to(device=local(p).device, dtype=torch.float32)
             buf = pl.local_view(local(st["momentum_buffer"]))
             method = None
             if get_method(e.group["method"]).stateful is not None:

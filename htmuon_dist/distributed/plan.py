@@ -29,7 +29,6 @@ rank saw a NaN/Inf, without another collective. With no bucket, a flags-only exc
 from __future__ import annotations
 
 import enum
-import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -265,9 +264,3 @@ def _direction(world: int, send: dict[int, list], recv: dict[int, list]) -> Dire
     send_splits, send_spans = lay(send)
     recv_splits, recv_spans = lay(recv)
     return Direction(send_splits, recv_splits, send_spans, recv_spans)
-
-
-def schedule_checksum(schedule: Schedule, rank: int) -> str:
-    """A digest of this rank's splits (for debugging agreement checks)."""
-    text = repr([(b.members, b.gather.send_splits, b.scatter.send_splits) for b in schedule.buckets])
-    return hashlib.sha1(f"{rank}:{text}".encode()).hexdigest()[:16]

@@ -100,7 +100,8 @@ def matrix_windows(
     """
     shape = tuple(int(d) for d in shape)
     if len(shape) < 2:
-        raise ValueError(f"{name}: a matrix needs >= 2 dims, got shape {shape}; route it to AdamW")
+        raise ValueError(f"{name}: HTMuon needs a >= 2-D weight, got shape {shape}; route it to AdamW "
+                         f"(param group with 'htmuon': False)")
     k = resolve_stack_dims(shape, stack_dims, name)
     rows, cols = shape[k], math.prod(shape[k + 1:])
     if row_blocks is None:

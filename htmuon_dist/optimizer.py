@@ -24,18 +24,21 @@ import warnings
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from . import functional as F
 from .distributed.backends import describe_params, zero
 from .distributed.engine import ExchangeEngine, SpectralSpec
+from .distributed.windowed import split_placement
+from .matrix_views import matrix_windows
 from .integrations import install_guards
 from .normuon import normuon_rescale
 from .spectral import check_power, get_method, grouped as spectral_grouped, validate_power
 
 _HTMUON_KEYS = (
     "lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval",
-    "adjust_lr_fn", "normuon", "normuon_beta2",
+    "adjust_lr_fn", "normuon", "normuon_beta2", "stack_dims", "row_blocks",
 )
 # The key of NorMuon's per-row second moment in a parameter's state: float32, one value per
 # row of the matrix (under ZeRO, the rows of every matrix of the flat partition, in order).
@@ -154,7 +157,7 @@ class HTMuon(Optimizer):
         self._htmuon_defaults = dict(
             lr=lr, power=power, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             method=method, rtol=rtol, interval=interval, adjust_lr_fn=adjust_lr_fn,
-            normuon=normuon, normuon_beta2=normuon_beta2,
+            normuon=normuon, normuon_beta2=normuon_beta2, stack_dims=None, row_blocks=None,
         )
         self._adamw_defaults = dict(
             lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
@@ -168,6 +171,7 @@ class HTMuon(Optimizer):
         self._skipped_in_a_row = 0
         self._engine: Optional[ExchangeEngine] = None
         self._placements: list = []
+        self._matrices: list = []  # _matrix_params() cut into matrix windows, as the engine sees them
         self._fsdp1_registry: dict = {}
         # key -> (engine, placements, backend); one entry, or one per flat partition under ZeRO
         # (DeepSpeed steps each param group's partition in a separate step() call).
@@ -232,6 +236,11 @@ class HTMuon(Optimizer):
             f"param_groups[{len(self.param_groups)}].params[{j}]" for j in range(len(params))
         ]
         zero.check_not_tagged(params, names)
+        if param_group["htmuon"]:
+            if param_group["row_blocks"] is not None:
+                param_group["row_blocks"] = tuple(int(b) for b in param_group["row_blocks"])
+            for p, name in zip(params, names):  # refuses bad stack_dims / row_blocks now
+                matrix_windows(zero.logical_shape(p), param_group["stack_dims"], param_group["row_blocks"], name)
         super().add_param_group(param_group)
         self._origins.append((self.param_groups[-1], params, list(names)))
         self._engine = None
@@ -328,34 +337,55 @@ class HTMuon(Optimizer):
         """Builds layouts and the plan lazily: Accelerate swaps parameters after construction.
         Under ZeRO there is one engine per flat partition, built collectively at its first step."""
         key = tuple((id(p), n, id(o)) for p, _, n, o in matrices) + tuple(
-            (g["power"], g["method"], g["rtol"], g["normuon"]) for _, g, _, _ in matrices
+            (g["power"], g["method"], g["rtol"], g["normuon"], g["stack_dims"], g["row_blocks"])
+            for _, g, _, _ in matrices
         )
         if key in self._engines:
-            self._engine, self._placements, self.backend = self._engines[key]
+            self._engine, self._placements, self.backend, self._matrices = self._engines[key]
             return self._engine
         params = [p for p, _, _, _ in matrices]
         names = [n for _, _, n, _ in matrices]
         origins = [o for _, _, _, o in matrices]
         described = describe_params(params, names, self._fsdp1_registry, self.process_group,
                                     zero_origins=origins)
-        self._placements = described.placements
         self.backend = described.backend
+        matrices, self._placements = self._windows(matrices, described.placements, described.group)
+        self._matrices = matrices
         self._engine = ExchangeEngine(
-            shapes=[pl.shape for pl in described.placements],
-            local_ranges=[pl.local_range for pl in described.placements],
+            shapes=[pl.shape for pl in self._placements],
+            local_ranges=[pl.local_range for pl in self._placements],
             specs=[self._spec(g) for _, g, _, _ in matrices],
-            names=names,
+            names=[n for _, _, n, _ in matrices],
             group=described.group,
             comm_dtype=self.comm_dtype,
             bucket_numel=self.bucket_numel,
             domains=described.domains,
             extra_numels=[pl.shape[0] if g["normuon"] else 0
-                          for pl, (_, g, _, _) in zip(described.placements, matrices)],
+                          for pl, (_, g, _, _) in zip(self._placements, matrices)],
+            wire_orders=[pl.wire_order for pl in self._placements],
         )
         if described.backend != "zero":  # a new parameter set replaces the old one
             self._engines.clear()
-        self._engines[key] = (self._engine, self._placements, self.backend)
+        self._engines[key] = (self._engine, self._placements, self.backend, self._matrices)
         return self._engine
+
+    def _windows(self, matrices, placements, group) -> tuple[list, list]:
+        """Each parameter's placement cut into its matrix windows (``stack_dims``,
+        ``row_blocks``): one engine matrix per expert / row block, named ``name[e].rows[a:b]``."""
+        rank = dist.get_rank(group) if group is not None else 0
+        out_m, out_p = [], []
+        for (p, group_, name, origin), placement in zip(matrices, placements):
+            shape = zero.logical_shape(origin if origin is not None else p)
+            windows = matrix_windows(shape, group_["stack_dims"], group_["row_blocks"], name)
+            split = split_placement(placement, windows, rank, name)
+            if any(pl.wire_order is not None for pl in split) and get_method(group_["method"]).stateful:
+                raise ValueError(
+                    f"{name}: method={group_['method']!r} keeps state per matrix, which tensor-"
+                    f"parallel pieces cannot address yet; use a stateless method (eigh, gram32, ...)"
+                )
+            out_m.extend((p, group_, name + w.label, origin) for w in windows)
+            out_p.extend(split)
+        return out_m, out_p
 
     @property
     def engine(self) -> Optional[ExchangeEngine]:
@@ -380,7 +410,7 @@ class HTMuon(Optimizer):
         if not any(g["htmuon"] and get_method(g["method"]).stateful is not None for g in self.param_groups):
             return None
         found = None
-        for engine, _, _ in self._engines.values():
+        for engine, *_ in self._engines.values():
             errs = list(engine.state_errors.values())
             local = torch.stack(errs).max().reshape(1) if errs else torch.full((1,), -1.0)
             if engine.world_size > 1:
@@ -426,6 +456,7 @@ class HTMuon(Optimizer):
                 loss = closure()
         matrices = self._matrix_params()
         engine = self._ensure_engine(matrices) if matrices else None
+        matrices = self._matrices if matrices else []  # one entry per matrix window
         adamw = [(p, g) for g in self.param_groups if not g["htmuon"] for p in g["params"]
                  if p.grad is not None]
 

@@ -203,6 +203,10 @@ class ExchangeEngine:
         extra_numels: per matrix, the float32 values of its replicated row state that the
             owner sends to every other rank with the result (0 = none; None = no matrix has
             one). NorMuon: the number of rows.
+        wire_orders: per matrix, None, or its flat ranges in the order the ranks' pieces
+            follow one another (tensor parallel pieces made single ranges, see
+            :mod:`.windowed`): ``local_ranges`` then index that order, and the owner restores
+            the natural order before computing and the wire order after. The same on every rank.
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class ExchangeEngine:
         domains: Optional[Sequence[int]] = None,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
         extra_numels: Optional[Sequence[int]] = None,
+        wire_orders: Optional[Sequence[Optional[Sequence[Range]]]] = None,
     ) -> None:
         self.group = group
         self.rank, self.world_size = _rank_and_world(group)
@@ -231,6 +236,10 @@ class ExchangeEngine:
             if len(extra_numels) != len(self.shapes) or any(int(k) < 0 for k in extra_numels):
                 raise ValueError(f"extra_numels must hold one count >= 0 per matrix, got {list(extra_numels)}")
             self.extra_numels = [int(k) for k in extra_numels]
+        self.wire_orders: list[Optional[tuple[Range, ...]]] = (
+            [tuple(o) if o is not None else None for o in wire_orders] if wire_orders is not None
+            else [None] * len(self.shapes))
+        self._natural_index: dict[int, torch.Tensor] = {}  # owner-side, built on first use
         all_ranges = self._agree(list(local_ranges))
         self.layouts: list[ShardLayout] = []
         for i, name in enumerate(self.names):
@@ -259,6 +268,8 @@ class ExchangeEngine:
         key: tuple = (self.shapes, self.specs, self.world_size, self.domains)
         if self.extra_numels is not None:  # ranks that disagree on row state would mis-split
             key += (self.extra_numels,)
+        if any(o is not None for o in self.wire_orders):
+            key += (self.wire_orders,)
         digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
         if self.world_size == 1:
             return [local_ranges]
@@ -379,6 +390,9 @@ class ExchangeEngine:
                 results, new_states = self._compute(batches, specs, states)
                 del batches, states
                 extras = self._finish(bucket, results, update, wire)
+                for i in results:
+                    if self.wire_orders[i] is not None:
+                        results[i] = self._to_wire(i, results[i])
                 update.apply(self._own_pieces(bucket, results))
                 if extras:
                     update.apply_extra(sorted(extras.items()))  # type: ignore[attr-defined]
@@ -543,7 +557,26 @@ class ExchangeEngine:
                         if b > a:
                             state_slots[i][a:b] = _get_f32(recv[offsets[src]:], b - a)
                             offsets[src] += _f32_wire_numel(b - a, wire)
+        for i in owned:
+            if self.wire_orders[i] is not None:
+                slots[i].copy_(self._to_natural(i, slots[i]))
         return batches, states, pending.sent
+
+    def _index(self, i: int, device: torch.device) -> torch.Tensor:
+        idx = self._natural_index.get(i)
+        if idx is None or idx.device != device:
+            order = self.wire_orders[i]
+            idx = torch.cat([torch.arange(a, b, device=device) for a, b in order])  # type: ignore[union-attr]
+            self._natural_index[i] = idx
+        return idx
+
+    def _to_natural(self, i: int, wire_flat: torch.Tensor) -> torch.Tensor:
+        """Matrix i's flat values in wire order -> natural (row-major) order."""
+        return torch.empty_like(wire_flat).index_copy_(0, self._index(i, wire_flat.device), wire_flat)
+
+    def _to_wire(self, i: int, result: torch.Tensor) -> torch.Tensor:
+        """Matrix i's (m, n) result -> its flat values in wire order, shaped (m, n)."""
+        return result.reshape(-1).index_select(0, self._index(i, result.device)).view(result.shape)
 
     def _compute(self, batches: dict[tuple, tuple[list[int], torch.Tensor]], specs,
                  states: Optional[dict[tuple, torch.Tensor]] = None,

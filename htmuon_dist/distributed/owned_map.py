@@ -54,7 +54,7 @@ def optimizer_pieces(opt) -> tuple[list[str], list[torch.Tensor]]:
     opt = getattr(opt, "optimizer", opt)  # Accelerate's AcceleratedOptimizer wraps it
     if getattr(opt, "engine", None) is None:
         raise RuntimeError("optimizer_pieces: the HTMuon engine is built at the first step(); call it after one step")
-    matrices = opt._matrix_params()
+    matrices = opt._matrices  # one entry per matrix window, in the engine's order
     names = [name for _, _, name, _ in matrices]
     pieces = [pl.local_view(p.to_local() if hasattr(p, "to_local") else p)
               for pl, (p, _, _, _) in zip(opt._placements, matrices)]

@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 HIDDEN, FFN, QKV = 7, 11, 13
+# Training needs TP-divisible feature dims (DTensor's ops refuse uneven TP matmuls); the
+# FSDP2 shards of them are still uneven: 10 / 2 = 5 rows over dp = 2, 7 rows over dp = 2.
+TRAIN_FFN, TRAIN_QKV = 10, 14
 
 
 class TPBlock(nn.Module):
@@ -32,9 +35,9 @@ class TPBlock(nn.Module):
 TP_PLAN_NAMES = {"up": "colwise", "gate": "colwise", "qkv": "colwise", "down": "rowwise", "out": "rowwise"}
 
 
-def build(seed: int = 0) -> TPBlock:
+def build(seed: int = 0, train: bool = False) -> TPBlock:
     torch.manual_seed(seed)
-    return TPBlock()
+    return TPBlock(HIDDEN, TRAIN_FFN, TRAIN_QKV) if train else TPBlock()
 
 
 def shard(model: nn.Module, dp: int, tp: int, replicas: int = 1):
@@ -72,3 +75,78 @@ def ranges_select_local(rank: int, world: int, dp: int, tp: int, replicas: int =
         local = p.to_local().reshape(-1)
         out[name] = (str(p.placements), len(ranges), picked.shape == local.shape and bool(torch.equal(picked, local)))
     return out
+
+
+OPT = dict(lr=0.02, power=0.125, weight_decay=0.1)
+ROW_BLOCKS = {"qkv.weight": (6, 4, 4), "out.weight": (3, 4)}  # blocks across TP pieces
+
+
+def groups_of(model: nn.Module) -> list[dict]:
+    """One HTMuon group per parameter; qkv and out cut into row blocks (windows over TP pieces)."""
+    return [{"params": [p], "param_names": [n], "htmuon": True,
+             **({"row_blocks": ROW_BLOCKS[n]} if n in ROW_BLOCKS else {})}
+            for n, p in model.named_parameters()]
+
+
+def batches(steps: int, global_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(global_batch, HIDDEN, generator=g), torch.randn(global_batch, HIDDEN, generator=g))
+            for _ in range(steps)]
+
+
+def _train(model, opt, data, index: int = 0, parts: int = 1) -> None:
+    per = data[0][0].shape[0] // parts
+    for x, y in data:
+        x, y = x[index * per:(index + 1) * per], y[index * per:(index + 1) * per]
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def reference(steps: int, global_batch: int, **opt_extra) -> dict[str, torch.Tensor]:
+    from htmuon_dist import HTMuon
+
+    model = build(train=True)
+    _train(model, HTMuon(groups_of(model), **OPT, process_group=None, **opt_extra), batches(steps, global_batch))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def full_params(model: nn.Module, mesh) -> dict[str, torch.Tensor]:
+    """Every parameter assembled from all ranks' local values and their computed flat ranges
+    (independent of ``full_tensor()``, which needs even shards for _StridedShard)."""
+    import torch.distributed as dist
+    from htmuon_dist.distributed.dtensor_ranges import local_flat_ranges, mesh_coordinates
+
+    coords = mesh_coordinates(mesh.mesh.tolist())
+    mine = {n: p.to_local().detach().reshape(-1).clone() for n, p in model.named_parameters()}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    out = {}
+    for n, p in model.named_parameters():
+        flat = torch.full((p.numel(),), float("nan"))
+        for rank, values in enumerate(gathered):
+            ranges = local_flat_ranges(p.shape, tuple(mesh.mesh.shape), p.placements, coords[rank])
+            pos = 0
+            for a, b in ranges:
+                flat[a:b] = values[n][pos:pos + b - a]
+                pos += b - a
+        out[n] = flat.view(p.shape)
+    return out
+
+
+def sharded_train(rank: int, world: int, dp: int, tp: int, replicas: int, steps: int, global_batch: int,
+                  opt_extra: "dict | None" = None) -> dict:
+    from htmuon_dist import HTMuon
+    from htmuon_dist.distributed.dtensor_ranges import mesh_coordinates
+
+    model = build(train=True)
+    mesh = shard(model, dp, tp, replicas)
+    coord = mesh_coordinates(mesh.mesh.tolist())[rank]
+    data_index = coord[0] * dp + coord[1] if replicas > 1 else coord[0]
+    opt = HTMuon(groups_of(model), **OPT, **(opt_extra or {}))
+    _train(model, opt, batches(steps, global_batch), data_index, dp * replicas)
+    engine = opt.engine
+    return {"params": full_params(model, mesh), "owners": list(engine.plan.owners), "names": list(engine.names),
+            "permuted": [n for n, o in zip(engine.names, engine.wire_orders) if o is not None],
+            "placements": {n: str(p.placements) for n, p in model.named_parameters()},
+            "sent": opt.comm_bytes_last_step}

@@ -240,7 +240,9 @@ class HTMuon(Optimizer):
             if param_group["row_blocks"] is not None:
                 param_group["row_blocks"] = tuple(int(b) for b in param_group["row_blocks"])
             for p, name in zip(params, names):  # refuses bad stack_dims / row_blocks now
-                matrix_windows(zero.logical_shape(p), param_group["stack_dims"], param_group["row_blocks"], name)
+                shape = zero.logical_shape(p)
+                if len(shape) >= 2:  # FSDP1 flattens parameters to 1-D: checked at the first step
+                    matrix_windows(shape, param_group["stack_dims"], param_group["row_blocks"], name)
         super().add_param_group(param_group)
         self._origins.append((self.param_groups[-1], params, list(names)))
         self._engine = None
@@ -375,7 +377,8 @@ class HTMuon(Optimizer):
         rank = dist.get_rank(group) if group is not None else 0
         out_m, out_p = [], []
         for (p, group_, name, origin), placement in zip(matrices, placements):
-            shape = zero.logical_shape(origin if origin is not None else p)
+            flat = self._fsdp1_registry.get(id(p))  # FSDP1 views are 1-D: the original shape
+            shape = flat.shape if flat is not None else zero.logical_shape(origin if origin is not None else p)
             windows = matrix_windows(shape, group_["stack_dims"], group_["row_blocks"], name)
             split = split_placement(placement, windows, rank, name)
             if any(pl.wire_order is not None for pl in split) and get_method(group_["method"]).stateful:

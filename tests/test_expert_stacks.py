@@ -106,3 +106,25 @@ def test_param_groups_for_the_model_families():
     assert (None, (16, 4, 4)) in _groups_of(falcon)[0]
     conv = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 5), torch.nn.Conv2d(4, 2, 3))
     assert _groups_of(conv)[0] == {(0, None): ["0.weight", "1.weight"]}
+
+
+def test_trainer_builds_the_moe_config_with_per_expert_groups():
+    from types import SimpleNamespace
+
+    from htmuon_dist.training.model import build_model, count_parameters, init_weights_, load_llama_config
+    from htmuon_dist.training.optim import build_optimizer, matrix_names, matrix_splits
+
+    cfg = load_llama_config(SimpleNamespace(model="moe_tiny", model_overrides='{"num_hidden_layers": 1}'))
+    model = build_model(cfg, on_meta=False, activation_checkpointing=False)
+    assert type(model).__name__ == "MixtralForCausalLM" and cfg.num_local_experts == 4
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+    init_weights_(model, seed=0, std=0.02)
+    assert float(model.model.layers[0].mlp.experts.gate_up_proj.std()) == pytest.approx(0.02, rel=0.1)
+    t = SimpleNamespace(optimizer="htmuon", lr=0.05, power=0.125, momentum=0.95, weight_decay=0.1,
+                        spectral_method="eigh", interval=None, adamw_lr=3e-3, adamw_weight_decay=0.0,
+                        nonfinite="raise", nonfinite_patience=10, normuon_beta2=0.95, adjust_lr_fn=None)
+    routed = matrix_names(model, "reference")
+    assert "model.layers.0.mlp.gate.weight" not in routed  # the router: AdamW by default
+    opt = build_optimizer(model, t, routed, matrix_splits(model, "reference"))
+    expert_groups = [g for g in opt.param_groups if g["htmuon"] and g["stack_dims"] == 1]
+    assert {g["row_blocks"] for g in expert_groups} == {(176, 176), None}

@@ -63,16 +63,24 @@ def decay_and_update_(
     lrs: Sequence[float],
     weight_decays: Sequence[float],
     scales: Sequence[float],
+    keep: Optional[torch.Tensor] = None,
 ) -> None:
     """``W <- W·(1 - lr·wd) - lr·scale·O`` in place, per (W, O) pair.
 
     ``updates`` may be in a lower precision than ``params`` (bf16 from the wire); the update
-    is added in the parameter's precision.
+    is added in the parameter's precision. With ``keep`` (a 0-d device tensor, 1.0 or 0.0),
+    the decay is ``1 - lr·wd·keep``: a skipped step (keep 0, updates already zeroed) leaves W
+    exactly as it was, without reading ``keep`` on the host.
     """
-    decays = [1.0 - lr * wd for lr, wd in zip(lrs, weight_decays)]
-    decayed = [(p, d) for p, d in zip(params, decays) if d != 1.0]
-    if decayed:
-        torch._foreach_mul_([p for p, _ in decayed], [d for _, d in decayed])
+    by_decay: dict[tuple[float, torch.dtype], list[torch.Tensor]] = {}
+    for p, lr, wd in zip(params, lrs, weight_decays):
+        if lr * wd != 0.0:
+            by_decay.setdefault((lr * wd, p.dtype), []).append(p)
+    for (rate, dtype), group in by_decay.items():
+        if keep is None:
+            torch._foreach_mul_(group, 1.0 - rate)
+        else:
+            torch._foreach_mul_(group, (1.0 - rate * keep).to(dtype))
     for p, u, lr, scale in zip(params, updates, lrs, scales):
         p.add_(u, alpha=-lr * scale)
 
@@ -82,24 +90,53 @@ def adamw_(
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
-    steps: Sequence[int],
+    steps: Sequence[torch.Tensor],
     lr: float,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    keep: torch.Tensor,
 ) -> None:
-    """Bias-corrected AdamW with decoupled weight decay, in place; ``steps`` are 1-based and
-    already include this step (one per tensor: a parameter without gradients does not step)."""
+    """Bias-corrected AdamW with decoupled weight decay, in place, gated on the device.
+
+    ``steps`` are 0-d float32 tensors (one per parameter, 1-based, already including this
+    step); ``keep`` is a 0-d float32 tensor, 1.0 to step or 0.0 to leave every tensor exactly
+    as it is (a skipped non-finite step), never read on the host. ``grads`` must be finite.
+    """
     if not params:
         return
     params, grads, m, v = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
     beta1, beta2 = betas
-    torch._foreach_lerp_(m, grads, 1.0 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+    dtype = m[0].dtype
+    # m <- m + (1 - b1)·keep·(g - m),  v <- v + (1 - b2)·keep·(g² - v)
+    diff = torch._foreach_sub(grads, m)
+    torch._foreach_mul_(diff, (keep * (1.0 - beta1)).to(dtype))
+    torch._foreach_add_(m, diff)
+    del diff
+    sq = torch._foreach_mul(grads, grads)
+    torch._foreach_sub_(sq, v)
+    torch._foreach_mul_(sq, (keep * (1.0 - beta2)).to(dtype))
+    torch._foreach_add_(v, sq)
+    del sq
     if weight_decay:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    denom = torch._foreach_div(v, [1.0 - beta2**t for t in steps])
-    torch._foreach_sqrt_(denom)
+        torch._foreach_mul_(params, (1.0 - lr * weight_decay * keep).to(params[0].dtype))
+    # the bias corrections from the device step counts (at least 1, so a skipped first step
+    # divides by nothing smaller than 1 - beta)
+    t = torch._foreach_maximum(list(steps), 1.0)
+    bc1 = torch._foreach_pow(beta1, t)  # beta1 ** t
+    bc2 = torch._foreach_pow(beta2, t)
+    torch._foreach_neg_(bc1)
+    torch._foreach_add_(bc1, 1.0)  # 1 - beta1 ** t
+    torch._foreach_neg_(bc2)
+    torch._foreach_add_(bc2, 1.0)
+    torch._foreach_sqrt_(bc2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, m, denom, [-lr / (1.0 - beta1**t) for t in steps])
+    if not lr:
+        return
+    # p <- p - lr·keep·m / ((1 - b1^t)·denom): the step size folded into the denominator,
+    # denom·(1 - b1^t) / (-lr·keep), which is -inf when keep is 0, so m / it adds exactly 0
+    torch._foreach_div_(bc1, keep * -lr)
+    torch._foreach_mul_(denom, bc1)
+    torch._foreach_addcdiv_(params, m, denom)

@@ -10,12 +10,12 @@ by a per-row second moment v (:func:`htmuon_dist.normuon.normuon_rescale`) befor
 v is replicated on every rank of the exchange group (docs/distributed.md).
 Every other parameter gets bias-corrected AdamW with decoupled weight decay.
 
-This module is the ``torch.optim.Optimizer`` facade: param groups, state and validation. The
-arithmetic lives in :mod:`htmuon_dist.functional`, and
-:class:`~htmuon_dist.distributed.engine.ExchangeEngine` streams the matrices bucket by bucket
-through their owners, calling back into :class:`_MatrixUpdate` for the elementwise parts,
-which run on each rank's local shard. With one process (or DDP) the same code runs with
-whole matrices.
+This module is the ``torch.optim.Optimizer`` facade: param groups, hyper-parameters,
+validation, state_dict and AdamW. The arithmetic lives in :mod:`htmuon_dist.functional`; the
+matrices of each partition form a :class:`~htmuon_dist.distributed.matrix_set.MatrixSet`
+(placements, state views, the update callbacks), whose
+:class:`~htmuon_dist.distributed.engine.ExchangeEngine` streams them bucket by bucket through
+their owners. With one process (or DDP) the same code runs with whole matrices.
 """
 
 from __future__ import annotations
@@ -30,25 +30,20 @@ from torch.optim import Optimizer
 from . import functional as F
 from .distributed.backends import describe_params, zero
 from .distributed.engine import ExchangeEngine, SpectralSpec
+from .distributed.matrix_set import METHOD_STATE, NORMUON_STATE, MatrixEntry, MatrixSet
 from .distributed.windowed import split_placement
 from .matrix_views import matrix_windows
 from .integrations import install_guards
-from .normuon import normuon_rescale
 from .spectral import check_power, get_method, grouped as spectral_grouped, validate_power
 
 _HTMUON_KEYS = (
     "lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval",
     "adjust_lr_fn", "normuon", "normuon_beta2", "stack_dims", "row_blocks",
 )
-# The key of NorMuon's per-row second moment in a parameter's state: float32, one value per
-# row of the matrix (under ZeRO, the rows of every matrix of the flat partition, in order).
-NORMUON_STATE = "normuon_v"
-# The key of a stateful method's state (``method="stream"``: its (k, k) basis, k = min(m, n)):
-# float32, shaped and sharded like the parameter, the state in the first k² entries of each
-# matrix (row-major), zeros elsewhere; so it checkpoints and reshards like the momentum.
-METHOD_STATE = "method_state"
 # State that stays float32 whatever the parameter's dtype (torch's load casts to it).
 _FLOAT32_STATE = (NORMUON_STATE, METHOD_STATE)
+# State shaped like the parameter (checked at load_state_dict).
+_SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", METHOD_STATE)
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 # What the interval variant runs between its exact steps: Muon's Newton-Schulz polar factor.
 _MUON_SPEC = SpectralSpec(power=0.0, method="ns5", rtol=None)
@@ -99,11 +94,14 @@ class HTMuon(Optimizer):
         normuon_beta2: EMA factor of v, in [0, 1) (the reference: 0.95).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW settings for non-matrix
             parameters (the reference uses lr 1e-3 at 60M-350M, betas (0.9, 0.95), eps 1e-10).
-        nonfinite: what a NaN/Inf gradient does: "raise" (FloatingPointError naming the
-            parameters, nothing is modified) or "skip" (the whole step is skipped on every
-            rank, a warning is issued and ``skipped_steps`` counts it).
+        nonfinite: what a NaN/Inf gradient does. Either way the step is skipped on the device
+            on every rank (nothing is modified, GradScaler's found-inf pattern) without a host
+            read, and ``skipped_steps`` counts it (read lazily). At the next check (see
+            ``check_every``) "raise" raises FloatingPointError (naming the parameters when the
+            checked step is the bad one) and "skip" issues a warning.
         nonfinite_patience: with ``nonfinite="skip"``, this many skipped steps in a row raise
-            ``FloatingPointError`` (the run is diverging, not hitting a rare spike); None never.
+            ``FloatingPointError`` at the next check (the run is diverging, not hitting a rare
+            spike); None never.
         process_group: "auto" (detect from the parameters: FSDP2 mesh, FSDP1 group, or the
             world group for replicated DDP parameters), None (no communication even if
             torch.distributed is initialised), or an explicit process group.
@@ -114,6 +112,10 @@ class HTMuon(Optimizer):
         bucket_numel: per-rank cap on the elements one exchange bucket may hold (matrices
             owned whole + local pieces); None = twice the largest matrix, which bounds the
             step's temporaries by a few times the largest matrix (docs/distributed.md).
+        check_every: every this many steps (and at each matrix set's first step), one small
+            collective and host read check that the ranks agree (step number, plan
+            checksum) and act on skipped non-finite steps; None: only at the first step. 1
+            checks every step (a debug setting: one host synchronisation per step).
     """
 
     def __init__(
@@ -139,7 +141,10 @@ class HTMuon(Optimizer):
         process_group: Any = "auto",
         comm_dtype: Optional[torch.dtype] = None,
         bucket_numel: Optional[int] = None,
+        check_every: Optional[int] = 100,
     ) -> None:
+        if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
+            raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if nonfinite_patience is not None and not (
@@ -167,15 +172,15 @@ class HTMuon(Optimizer):
         self.process_group = process_group
         self.comm_dtype = comm_dtype
         self.bucket_numel = bucket_numel
-        self.skipped_steps = 0
-        self._skipped_in_a_row = 0
-        self._engine: Optional[ExchangeEngine] = None
-        self._placements: list = []
-        self._matrices: list = []  # _matrix_params() cut into matrix windows, as the engine sees them
+        self.check_every = check_every
+        # skipped steps on the device: (total, current run, longest run since the last check)
+        self._skips: Optional[torch.Tensor] = None
+        self._skipped_seen = 0
+        self._adamw_calls = 0
         self._fsdp1_registry: dict = {}
-        # key -> (engine, placements, backend); one entry, or one per flat partition under ZeRO
-        # (DeepSpeed steps each param group's partition in a separate step() call).
-        self._engines: dict[tuple, tuple] = {}
+        # key -> matrix set; one, or one per flat partition under ZeRO (DeepSpeed steps each
+        # param group's partition in a separate step() call).
+        self._sets: dict[tuple, MatrixSet] = {}
         # (group dict, original params, names) per param group: DeepSpeed ZeRO swaps a group's
         # "params" for one flat partition, and the originals carry the partition metadata.
         self._origins: list[tuple[dict, list[torch.Tensor], list[str]]] = []
@@ -245,8 +250,7 @@ class HTMuon(Optimizer):
                     matrix_windows(shape, param_group["stack_dims"], param_group["row_blocks"], name)
         super().add_param_group(param_group)
         self._origins.append((self.param_groups[-1], params, list(names)))
-        self._engine = None
-        self._engines.clear()
+        self._sets.clear()
 
     def _validate_group(self, group: dict) -> None:
         params = group["params"]
@@ -257,8 +261,21 @@ class HTMuon(Optimizer):
                 f"a param group mixes devices {sorted(map(str, devices))}; move the model to one "
                 f"device before building the optimizer (or use one group per device)"
             )
-        if not 0.0 <= float(group["lr"]):
-            raise ValueError(f"lr must be >= 0, got {group['lr']}")
+        name = "lr" if group["htmuon"] else "adamw_lr"
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1 and not lr.requires_grad:
+            pass  # a tensor lr (LR schedulers with capturable optimizers) is a number too
+        elif isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise ValueError(f"{name} must be a number, got {type(lr).__name__} {lr!r}")
+        if not 0.0 <= float(lr):
+            raise ValueError(f"{name} must be >= 0, got {lr}")
+        names = group.get("param_names") or [f"params[{j}]" for j in range(len(params))]
+        for p, pname in zip(params, names):
+            if p.is_complex():
+                raise ValueError(
+                    f"{pname}: HTMuon does not support complex parameters ({p.dtype}); use real "
+                    f"tensors (e.g. torch.view_as_real) or another optimizer for this one"
+                )
         if group["htmuon"]:
             group["power"] = validate_power(group["power"])
             method = get_method(group["method"])
@@ -316,90 +333,107 @@ class HTMuon(Optimizer):
         zero.check_not_tagged(originals, origin[2])
         return zero.members_of_flat(flat, list(zip(originals, origin[2])))
 
-    def _matrix_params(self) -> list[tuple[torch.Tensor, dict, str, Optional[torch.Tensor]]]:
-        """(tensor holding the piece, group, name, original ZeRO parameter or None) per matrix."""
+    def _matrix_params(self) -> list[MatrixEntry]:
+        """The matrices of every HTMuon group, in order (a ZeRO flat partition holds several)."""
         out = []
         for g_index, group in enumerate(self.param_groups):
             if not group["htmuon"]:
                 continue
             members = self._zero_members(group)
             if members is not None:  # one flat partition holding several matrices
-                out.extend((group["params"][0], group, name, p) for p, name in members)
+                out.extend(MatrixEntry(group["params"][0], group, name, p) for p, name in members)
                 continue
             names = group.get("param_names")
             for j, p in enumerate(group["params"]):
                 name = names[j] if names else f"param_groups[{g_index}].params[{j}]"
-                out.append((p, group, name, None))
+                out.append(MatrixEntry(p, group, name, None))
         return out
 
     def _spec(self, group: dict) -> SpectralSpec:
         return SpectralSpec(power=float(group["power"]), method=group["method"], rtol=group["rtol"])
 
-    def _ensure_engine(self, matrices: list[tuple[torch.Tensor, dict, str, Optional[torch.Tensor]]]) -> ExchangeEngine:
-        """Builds layouts and the plan lazily: Accelerate swaps parameters after construction.
-        Under ZeRO there is one engine per flat partition, built collectively at its first step."""
-        key = tuple((id(p), n, id(o)) for p, _, n, o in matrices) + tuple(
-            (g["power"], g["method"], g["rtol"], g["normuon"], g["stack_dims"], g["row_blocks"])
-            for _, g, _, _ in matrices
+    def _matrix_set(self, matrices: list[MatrixEntry]) -> MatrixSet:
+        """The matrix set of these matrices, built at its first step (collective: layouts,
+        plan): Accelerate swaps parameters after construction, and under ZeRO each flat
+        partition is its own set."""
+        key = tuple((id(e.param), e.name, id(e.origin)) for e in matrices) + tuple(
+            (e.group["power"], e.group["method"], e.group["rtol"], e.group["normuon"],
+             e.group["stack_dims"], e.group["row_blocks"]) for e in matrices
         )
-        if key in self._engines:
-            self._engine, self._placements, self.backend, self._matrices = self._engines[key]
-            return self._engine
-        params = [p for p, _, _, _ in matrices]
-        names = [n for _, _, n, _ in matrices]
-        origins = [o for _, _, _, o in matrices]
-        described = describe_params(params, names, self._fsdp1_registry, self.process_group,
-                                    zero_origins=origins)
-        self.backend = described.backend
-        matrices, self._placements = self._windows(matrices, described.placements, described.group)
-        self._matrices = matrices
-        self._engine = ExchangeEngine(
-            shapes=[pl.shape for pl in self._placements],
-            local_ranges=[pl.local_range for pl in self._placements],
-            specs=[self._spec(g) for _, g, _, _ in matrices],
-            names=[n for _, _, n, _ in matrices],
+        found = self._sets.get(key)
+        if found is not None:
+            return found
+        described = describe_params([e.param for e in matrices], [e.name for e in matrices],
+                                    self._fsdp1_registry, self.process_group,
+                                    zero_origins=[e.origin for e in matrices])
+        matrices, placements = self._windows(matrices, described.placements, described.group)
+        engine = ExchangeEngine(
+            shapes=[pl.shape for pl in placements],
+            local_ranges=[pl.local_range for pl in placements],
+            specs=[self._spec(e.group) for e in matrices],
+            names=[e.name for e in matrices],
             group=described.group,
             comm_dtype=self.comm_dtype,
             bucket_numel=self.bucket_numel,
             domains=described.domains,
-            extra_numels=[pl.shape[0] if g["normuon"] else 0
-                          for pl, (_, g, _, _) in zip(self._placements, matrices)],
-            wire_orders=[pl.wire_order for pl in self._placements],
+            row_state_numels=[pl.shape[0] if e.group["normuon"] else 0
+                              for pl, e in zip(placements, matrices)],
         )
+        mset = MatrixSet(matrices, placements, engine, described.backend)
         if described.backend != "zero":  # a new parameter set replaces the old one
-            self._engines.clear()
-        self._engines[key] = (self._engine, self._placements, self.backend, self._matrices)
-        return self._engine
+            self._sets.clear()
+        self._sets[key] = mset
+        return mset
 
-    def _windows(self, matrices, placements, group) -> tuple[list, list]:
+    def _windows(self, matrices: list[MatrixEntry], placements, group) -> tuple[list, list]:
         """Each parameter's placement cut into its matrix windows (``stack_dims``,
         ``row_blocks``): one engine matrix per expert / row block, named ``name[e].rows[a:b]``."""
         rank = dist.get_rank(group) if group is not None else 0
         out_m, out_p = [], []
-        for (p, group_, name, origin), placement in zip(matrices, placements):
-            flat = self._fsdp1_registry.get(id(p))  # FSDP1 views are 1-D: the original shape
-            shape = flat.shape if flat is not None else zero.logical_shape(origin if origin is not None else p)
-            windows = matrix_windows(shape, group_["stack_dims"], group_["row_blocks"], name)
-            split = split_placement(placement, windows, rank, name)
-            if any(pl.wire_order is not None for pl in split) and get_method(group_["method"]).stateful:
+        for e, placement in zip(matrices, placements):
+            flat = self._fsdp1_registry.get(id(e.param))  # FSDP1 views are 1-D: the original shape
+            shape = flat.shape if flat is not None else zero.logical_shape(e.origin if e.origin is not None else e.param)
+            windows = matrix_windows(shape, e.group["stack_dims"], e.group["row_blocks"], e.name)
+            split = split_placement(placement, windows, rank, e.name)
+            multi = any(not isinstance(pl.local_range[0], int) for pl in split)
+            if multi and get_method(e.group["method"]).stateful:
                 raise ValueError(
-                    f"{name}: method={group_['method']!r} keeps state per matrix, which tensor-"
+                    f"{e.name}: method={e.group['method']!r} keeps state per matrix, which tensor-"
                     f"parallel pieces cannot address yet; use a stateless method (eigh, gram32, ...)"
                 )
-            out_m.extend((p, group_, name + w.label, origin) for w in windows)
+            out_m.extend(MatrixEntry(e.param, e.group, e.name + w.label, e.origin) for w in windows)
             out_p.extend(split)
         return out_m, out_p
 
     @property
+    def matrix_sets(self) -> list[MatrixSet]:
+        """The matrix sets built so far (one, or one per ZeRO flat partition)."""
+        return list(self._sets.values())
+
+    @property
     def engine(self) -> Optional[ExchangeEngine]:
-        """The exchange engine (None before the first step)."""
-        return self._engine
+        """The exchange engine (None before the first step). Under ZeRO, with one matrix set
+        per flat partition, there is no single engine: use :attr:`matrix_sets`."""
+        sets = self.matrix_sets
+        if len(sets) > 1:
+            raise RuntimeError(
+                f"HTMuon has {len(sets)} matrix sets (one per DeepSpeed ZeRO flat partition); "
+                f"use opt.matrix_sets[k].engine"
+            )
+        return sets[0].engine if sets else None
+
+    @property
+    def backend(self) -> Optional[str]:
+        """The backend(s) of the matrices ("fsdp2", "zero", "replicated", ...), None before the
+        first step."""
+        names = sorted({s.backend for s in self._sets.values()})
+        return "+".join(names) if names else None
 
     @property
     def comm_bytes_last_step(self) -> int:
         """Bytes this rank sent for the spectral exchange in the last step (under ZeRO: summed
         over the flat partitions, each exchanged in its own step() call)."""
-        return sum(entry[0].comm_bytes_last_step for entry in self._engines.values())
+        return sum(s.engine.comm_bytes_last_step for s in self._sets.values())
 
     def stream_error(self) -> Optional[float]:
         """The largest error estimate of the last step over the matrices of a stateful method
@@ -408,17 +442,17 @@ class HTMuon(Optimizer):
         against the exact update). None when no matrix ran such a method in the last step.
 
         Collective over the exchange group(s) (call it on every rank) when some group's method
-        keeps state; one host sync per exchange engine.
+        keeps state; one host read per matrix set (call it at logging time).
         """
         if not any(g["htmuon"] and get_method(g["method"]).stateful is not None for g in self.param_groups):
             return None
         found = None
-        for engine, *_ in self._engines.values():
+        for mset in self._sets.values():
+            engine = mset.engine
             errs = list(engine.state_errors.values())
             local = torch.stack(errs).max().reshape(1) if errs else torch.full((1,), -1.0)
             if engine.world_size > 1:
-                coll = engine.collective_device()
-                local = local.to(coll)
+                local = local.to(engine.collective_device())
                 torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX, group=engine.group)
             value = float(local.item())
             if value >= 0 and (found is None or value > found):
@@ -427,129 +461,190 @@ class HTMuon(Optimizer):
 
     def memory_bound(self) -> int:
         """This rank's contract for the bytes a step allocates beyond parameters, gradients
-        and optimizer state (docs/distributed.md, "Memory contract"): the exchange's peak
-        (:meth:`ExchangeEngine.memory_bound`), or the non-finite check's and AdamW's
-        temporaries if larger (they run before and after it). Valid after the first step."""
-        if not self._engines and not any(not g["htmuon"] for g in self.param_groups):
+        and optimizer state (docs/distributed.md, "Memory contract"): the largest matrix set's
+        exchange peak (:meth:`ExchangeEngine.memory_bound`, from its schedule), or the
+        non-finite check's and AdamW's temporaries if larger (they run before and after it).
+        Valid after the first step."""
+        if not self._sets and not any(not g["htmuon"] for g in self.param_groups):
             raise RuntimeError("memory_bound() needs the layouts: call it after the first step()")
-        params = [p for p, _, _, _ in self._matrix_params()]
+        params = [e.param for e in self._matrix_params()]
         wire = self.comm_dtype
         elem = (torch.empty(0, dtype=wire).element_size() if wire is not None
                 else max((p.element_size() for p in params), default=4))
         on_cuda = any(p.is_cuda for p in params)
         lanes = spectral_grouped.DEFAULT_STREAMS if on_cuda else 1
-        bound = max((entry[0].memory_bound(wire_bytes=elem, lanes=lanes)
-                     for entry in self._engines.values()), default=0)
-        local = [_local(p) for g in self.param_groups for p in g["params"]]
-        largest = max((t.numel() for t in local), default=0)
+        bound = max((s.engine.memory_bound(wire_bytes=elem, lanes=lanes, method_state=s.keeps_method_state)
+                     for s in self._sets.values()), default=0)
+        local_params = [_local(p) for g in self.param_groups for p in g["params"]]
+        largest = max((t.numel() for t in local_params), default=0)
         adamw = [_local(p) for g in self.param_groups if not g["htmuon"] for p in g["params"]]
-        adamw_temp = max((t.numel() * t.element_size() for t in adamw), default=0)
+        # AdamW holds two temporaries of its largest chunk at once (g - m or g², and denom)
+        adamw_temp = 2 * max((t.numel() * t.element_size() for t in adamw), default=0)
         return max(bound, largest, adamw_temp)  # the non-finite check: one bool per element
 
     # -- the step ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step; collective over the exchange group. Host synchronisations: one
-        (the step's small collective, or the non-finite check with one process); more only
-        when a non-finite gradient is found, to name it."""
+        """One optimizer step; collective over the exchange group.
+
+        Host synchronisations: none in a steady-state step. A non-finite gradient on any rank
+        is agreed on inside the first exchange and the step is skipped on the device (nothing
+        changes). Host reads happen only when a matrix set is built (its first step, after
+        ``load_state_dict``, or when the set of matrices with gradients changes) and every
+        ``check_every`` steps: rank agreement (step number, plan checksum), the skip count,
+        ``nonfinite="raise"`` and ``nonfinite_patience``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         matrices = self._matrix_params()
-        engine = self._ensure_engine(matrices) if matrices else None
-        matrices = self._matrices if matrices else []  # one entry per matrix window
         adamw = [(p, g) for g in self.param_groups if not g["htmuon"] for p in g["params"]
                  if p.grad is not None]
-
-        views = [pl.local_view for pl in self._placements] if matrices else []
-        grads = [
-            views[i](_local(p.grad)) if p.grad is not None else None
-            for i, (p, _, _, _) in enumerate(matrices)
-        ]
-        local_grads = [g for g in grads if g is not None and g.numel()]
-        local_grads += [_local(p.grad) for p, _ in adamw if _local(p.grad).numel()]
-        flag, device = _nonfinite_flag(local_grads)
-        step_no = self._next_step_number(matrices, adamw)
-        if engine is not None:
-            has_piece = [g is not None and g.numel() > 0 for g in grads]
-            any_bad, active = engine.sync_step(step_no, flag, has_piece, device)
-        else:
-            any_bad, active = bool(flag), []
-        if any_bad:
-            self._skip_or_raise(matrices, grads, adamw)
-            return loss
-        self._skipped_in_a_row = 0
-
-        if matrices:
-            update = _MatrixUpdate(self, matrices, views, grads, active)
+        _check_dense(matrices, adamw)
+        mset = self._matrix_set(matrices) if matrices else None
+        if mset is not None:
+            matrices = mset.entries  # one entry per matrix window (expert, row block)
+        grads = mset.local_grads() if mset is not None else []
+        named = [(e.name, g) for e, g in zip(matrices, grads) if g is not None and g.numel()]
+        named += [(f"adamw param {j} {tuple(p.shape)}", _local(p.grad)) for j, (p, _) in enumerate(adamw)
+                  if _local(p.grad).numel()]
+        local_grads = [g for _, g in named]
+        flag, finite, device = _nonfinite_flag(local_grads)
+        for g in local_grads:  # finite from here on, so that a gated (skipped) write is exact
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        if mset is not None:
+            pattern = mset.pattern()
+            check = pattern != mset.local_pattern
+            if check:  # built now, or the gradients moved: agree on the step and the active set
+                mset.host_step = mset.first_step_number(self.state) - 1
+                mset.active = mset.engine.agree(mset.host_step + 1, mset.has_piece())
+                mset.local_pattern = pattern
+            mset.host_step += 1
+            step_no = mset.host_step
+            if not check and self._due(step_no):
+                check = True
+                mset.engine.agree(mset.first_step_number(self.state), mset.has_piece())
             specs = [
-                _MUON_SPEC if g["interval"] and step_no % g["interval"] != 0 else self._spec(g)
-                for _, g, _, _ in matrices
+                _MUON_SPEC if e.group["interval"] and step_no % e.group["interval"] != 0 else self._spec(e.group)
+                for e in matrices
             ]
-            engine.step(update, active, specs)
-            update.count_step()
-        self._adamw_step(adamw)
+            local_flag = flag if device is not None else torch.zeros((), device=mset.device)
+            keep = mset.step(self.state, grads, specs, local_flag)
+        else:
+            self._adamw_calls += 1
+            check = self._adamw_calls == 1 or self._due(self._adamw_calls)
+            dev = device or torch.device("cpu")
+            keep = 1.0 - flag.to(dev, torch.float32) if device is not None else torch.ones((), device=dev)
+        self._adamw_step(adamw, keep)
+        self._count(keep)
+        if check:
+            self._check_nonfinite([n for n, _ in named], finite)
         return loss
 
-    def _skip_or_raise(self, matrices, grads, adamw) -> None:
-        bad = _nonfinite_names(matrices, grads, adamw)
-        where = ", ".join(bad) if bad else "on another rank"
+    def _due(self, step_no: int) -> bool:
+        return self.check_every is not None and step_no % self.check_every == 0
+
+    def _count(self, keep: torch.Tensor) -> None:
+        """Device-side skip bookkeeping: total skipped, the current run and the longest run
+        since the last check (float32 (3,), never read in the step)."""
+        skipped = 1.0 - keep.to(torch.float32)
+        if self._skips is None or self._skips.device != skipped.device:
+            self._skips = torch.zeros(3, dtype=torch.float32, device=skipped.device)
+        total, run, longest = self._skips.unbind()
+        total.add_(skipped)
+        run.mul_(skipped).add_(skipped)
+        torch.maximum(longest, run, out=longest)
+
+    def _read_skips(self) -> tuple[int, int, int]:
+        """(skipped steps, current run, longest run since the last check): a host read."""
+        if self._skips is None:
+            return 0, 0, 0
+        total, run, longest = (int(x) for x in self._skips.tolist())
+        return total, run, longest
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (read from the device when asked: a host
+        synchronisation, so read it at logging time)."""
+        return self._read_skips()[0]
+
+    def _check_nonfinite(self, names: Sequence[str], finite: torch.Tensor) -> None:
+        """At a check: warn about the steps skipped since the last check, and raise for
+        ``nonfinite="raise"`` or when ``nonfinite_patience`` steps in a row were skipped."""
+        total, run, longest = self._read_skips()
+        new = total - self._skipped_seen
+        self._skipped_seen = total
+        if self._skips is not None:
+            self._skips[2].copy_(self._skips[1])  # the longest run restarts from the current one
+        if not new:
+            return
+        bad = [n for n, ok in zip(names, finite.tolist()) if not ok] if run else []
+        where = ", ".join(bad) if bad else "on another rank, or in an earlier step"
         if self.nonfinite == "raise":
             raise FloatingPointError(
-                f"HTMuon: non-finite gradient ({where}); nothing was updated. Lower the lr, "
-                f"clip gradients, or pass nonfinite='skip' to skip such steps"
+                f"HTMuon: non-finite gradient ({where}); {new} step(s) since the last check "
+                f"were skipped and nothing was updated. Lower the lr, clip gradients, or pass "
+                f"nonfinite='skip' to skip such steps"
             )
-        self.skipped_steps += 1
-        self._skipped_in_a_row += 1
-        if self.nonfinite_patience is not None and self._skipped_in_a_row >= self.nonfinite_patience:
+        if self.nonfinite_patience is not None and longest >= self.nonfinite_patience:
             raise FloatingPointError(
-                f"HTMuon: {self._skipped_in_a_row} steps in a row had non-finite gradients "
+                f"HTMuon: {longest} steps in a row had non-finite gradients "
                 f"(last: {where}); the run is diverging rather than hitting a rare spike. Lower "
                 f"the lr, clip gradients, or resume from an earlier checkpoint (nonfinite_patience="
                 f"{self.nonfinite_patience})"
             )
-        warnings.warn(f"HTMuon: skipped a step with non-finite gradients ({where})")
+        warnings.warn(f"HTMuon: skipped a step with non-finite gradients ({where}); "
+                      f"{new} since the last check")
 
-    def _next_step_number(self, matrices, adamw) -> int:
-        """The 1-based number of the step about to run (the same on every rank)."""
-        for p, *_ in matrices or adamw:
-            state = self.state.get(p)
-            if state and "step" in state:
-                return int(state["step"]) + 1
-        return 1
-
-    def _adamw_step(self, adamw) -> None:
-        """AdamW per param group, in chunks that bound the temporaries (the denominators) by
-        the largest chunk rather than by all AdamW parameters together."""
+    def _adamw_step(self, adamw, keep: torch.Tensor) -> None:
+        """AdamW per param group, in chunks that bound the temporaries by the largest chunk
+        rather than by all AdamW parameters together; every write gated by ``keep``."""
         by_group: dict[int, tuple[dict, list[torch.Tensor]]] = {}
         for p, group in adamw:
             by_group.setdefault(id(group), (group, []))[1].append(p)
         for group, params in by_group.values():
+            device = _local(params[0]).device
+            gate = keep.to(device)
             for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
+                state["step"].add_(gate)
             for chunk in _chunks(params, max(p.numel() for p in params)):
                 states = [self.state[p] for p in chunk]
                 F.adamw_(
                     [_local(p) for p in chunk], [_local(p.grad) for p in chunk],
                     [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states],
-                    [int(s["step"]) for s in states],
+                    [s["step"] for s in states],
                     lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                    weight_decay=group["weight_decay"],
+                    weight_decay=group["weight_decay"], keep=gate,
                 )
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, plus: the state's shapes are checked against the parameters (naming
+        the parameter), NorMuon's v and the method state stay float32, step counters move to
+        the parameter's device, and the matrix sets are rebuilt at the next step."""
         before = list(self.param_groups)
-        # torch casts floating state to the parameter's dtype; NorMuon's v and the method state
-        # stay float32 (the same mapping from saved ids to parameters as torch's).
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        names = {id(p): n for _, ps, ns in self._origins for p, n in zip(ps, ns)}
+        for j, saved in enumerate(saved_ids[: len(params)]):
+            st = state_dict["state"].get(saved, {})
+            p = params[j]
+            for key in _SHAPED_STATE:
+                value = st.get(key)
+                if isinstance(value, torch.Tensor) and value.numel() != p.numel():
+                    name = names.get(id(p), f"parameter {j}")
+                    raise ValueError(
+                        f"{name}: the state {key!r} being loaded has shape {tuple(value.shape)}, "
+                        f"the parameter {tuple(p.shape)}; was the checkpoint saved from another "
+                        f"model or partitioning?"
+                    )
+        # torch casts floating state to the parameter's dtype; NorMuon's v and the method state
+        # stay float32 (the same mapping from saved ids to parameters as torch's).
         kept = [
             (params[j], key, st[key])
             for j, saved in enumerate(saved_ids) if j < len(params)
@@ -558,178 +653,43 @@ class HTMuon(Optimizer):
         super().load_state_dict(state_dict)
         for p, key, value in kept:
             self.state[p][key] = value.detach().to(device=_local(p).device, dtype=torch.float32).clone()
+        for p, st in self.state.items():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].to(device=_local(p).device, dtype=torch.float32)
         # torch replaces the group dicts: carry each group's originals over to its new dict.
         by_group = {id(origin[0]): origin for origin in self._origins}
         self._origins = [
             (new, by_group[id(old)][1], by_group[id(old)][2])
             for old, new in zip(before, self.param_groups) if id(old) in by_group
         ]
-        self._engine = None  # rebuilt at the next step from the (possibly new) parameters
-        self._engines.clear()
+        self._sets.clear()  # rebuilt at the next step from the (possibly new) parameters
 
 
-class _MatrixUpdate:
-    """HTMuon's side of one step for the exchange engine (its ``MatrixUpdate``): momentum,
-    the transform input and the update, each on this rank's local pieces only.
-
-    Pieces are flat local views (``views[i]``) of the parameter, its gradient and the momentum;
-    a matrix's global flat offsets ``[start, end)`` map to ``[start - s0, end - s0)`` of the
-    view, where ``s0`` is the start of this rank's range.
-    """
-
-    def __init__(self, opt: HTMuon, matrices, views, grads, active: Sequence[bool]) -> None:
-        self.opt = opt
-        self.matrices = matrices
-        self.views = views
-        self.active = list(active)
-        self.bufs: list[Optional[torch.Tensor]] = [None] * len(matrices)
-        self.grads: list[Optional[torch.Tensor]] = list(grads)
-        self.row_state: list[Optional[torch.Tensor]] = [None] * len(matrices)
-        self.method_state: list[Optional[torch.Tensor]] = [None] * len(matrices)
-        self._device = torch.device("cpu")
-        for i, (p, group, name, _) in enumerate(matrices):
-            if not self.active[i]:
-                continue
-            state = opt.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-                state["step"] = torch.tensor(0.0)
-            self.bufs[i] = views[i](_local(state["momentum_buffer"]))
-            if get_method(group["method"]).stateful is not None:
-                self.method_state[i] = views[i](_local(_method_state(state, p, name)))
-            self._device = self.bufs[i].device
-            if self.grads[i] is None:  # other ranks hold this matrix's gradient
-                self.grads[i] = torch.zeros_like(self.bufs[i])
-        self._init_row_state()
-
-    def _init_row_state(self) -> None:
-        """Views of NorMuon's v for the active normuon matrices. One float32 tensor per
-        parameter tensor: its matrices' rows one after the other (one matrix, or the matrices
-        of a ZeRO flat partition in the engine's order), the same size on every rank."""
-        offsets: list[int] = []
-        totals: dict[int, int] = {}
-        for i, (p, group, _, _) in enumerate(self.matrices):
-            rows = self.opt._placements[i].shape[0] if group["normuon"] else 0
-            offsets.append(totals.get(id(p), 0))
-            totals[id(p)] = offsets[-1] + rows
-        for i, (p, group, name, _) in enumerate(self.matrices):
-            if not (self.active[i] and group["normuon"]):
-                continue
-            state = self.opt.state[p]
-            v = state.get(NORMUON_STATE)
-            if v is None:
-                v = state[NORMUON_STATE] = torch.zeros(totals[id(p)], dtype=torch.float32,
-                                                       device=_local(p).device)
-            elif v.shape != (totals[id(p)],) or v.dtype != torch.float32:
-                raise ValueError(
-                    f"{name}: the NorMuon state {NORMUON_STATE!r} has {v.dtype} "
-                    f"{tuple(v.shape)}, expected float32 ({totals[id(p)]},) (one value per row); "
-                    f"was the checkpoint saved from another model or partitioning?"
-                )
-            rows = self.opt._placements[i].shape[0]
-            self.row_state[i] = v.narrow(0, offsets[i], rows)
-
-    def finish(self, i: int, result: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """On matrix i's owner (engine's row-state hook): NorMuon's rescale of the (m, n)
-        spectral result and the new v (float32 (m,)); v itself is stored by apply_extra."""
-        v = self.row_state[i]
-        assert v is not None, "finish() called for a matrix without NorMuon state"
-        return normuon_rescale(result, v, float(self.matrices[i][1]["normuon_beta2"]))
-
-    def apply_extra(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
-        """On every rank: stores the new v of each matrix (the owner's, bit for bit)."""
-        for i, v in items:
-            self.row_state[i].copy_(v)  # type: ignore[union-attr]
-
-    def state_into(self, i: int, a: int, b: int, out: torch.Tensor) -> None:
-        """Copies ``[a, b)`` of matrix i's method state (global offsets in this rank's part)."""
-        base = self._base(i)
-        out.copy_(self.method_state[i][a - base : b - base])  # type: ignore[index]
-
-    def apply_state(self, items: Sequence[tuple[int, int, torch.Tensor]]) -> None:
-        """Stores the new method state of matrix i from global offset a (this rank's part)."""
-        for i, a, values in items:
-            base = self._base(i)
-            self.method_state[i][a - base : a - base + values.numel()].copy_(values)  # type: ignore[index]
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def dtype(self, i: int) -> torch.dtype:
-        return self.bufs[i].dtype  # type: ignore[union-attr]
-
-    def _base(self, i: int) -> int:
-        return self.opt._placements[i].local_range[0]
-
-    def prepare(self, indices: Sequence[int]) -> None:
-        by_beta: dict[float, tuple[list, list]] = {}
-        for i in indices:
-            buf = self.bufs[i]
-            if buf is not None and buf.numel():
-                bufs, grads = by_beta.setdefault(self.matrices[i][1]["momentum"], ([], []))
-                bufs.append(buf)
-                grads.append(self.grads[i])
-        for beta, (bufs, grads) in by_beta.items():
-            F.momentum_(bufs, grads, beta)
-
-    def source_into(self, i: int, start: int, end: int, out: torch.Tensor) -> None:
-        group = self.matrices[i][1]
-        a, b = start - self._base(i), end - self._base(i)
-        F.nesterov_into(out, self.grads[i][a:b], self.bufs[i][a:b],  # type: ignore[index]
-                        group["momentum"], group["nesterov"])
-
-    def apply(self, items: Sequence[tuple[int, torch.Tensor]]) -> None:
-        params, updates, lrs, decays, scales = [], [], [], [], []
-        for i, piece in items:
-            p, group, _, _ = self.matrices[i]
-            rows, cols = self.opt._placements[i].shape
-            params.append(self.views[i](_local(p)))
-            updates.append(piece)
-            lrs.append(group["lr"])
-            decays.append(group["weight_decay"])
-            scales.append(F.muon_scale(rows, cols, group["adjust_lr_fn"]))
-        F.decay_and_update_(params, updates, lrs, decays, scales)
-
-    def count_step(self) -> None:
-        """One step per parameter tensor (a ZeRO flat partition holds several matrices)."""
-        stepped: set[int] = set()
-        for i, (p, _, _, _) in enumerate(self.matrices):
-            if self.active[i] and id(p) not in stepped:
-                stepped.add(id(p))
-                self.opt.state[p]["step"] += 1
+def _check_dense(matrices: Sequence[MatrixEntry], adamw) -> None:
+    """Refuses sparse gradients before anything is touched, naming the parameter."""
+    for e in matrices:
+        if e.param.grad is not None and e.param.grad.is_sparse:
+            raise ValueError(
+                f"{e.name}: HTMuon got a sparse gradient (nn.Embedding(sparse=True)?); it needs "
+                f"dense gradients: use sparse=False"
+            )
+    for j, (p, _) in enumerate(adamw):
+        if p.grad.is_sparse:
+            raise ValueError(
+                f"adamw param {j} {tuple(p.shape)}: HTMuon got a sparse gradient "
+                f"(nn.Embedding(sparse=True)?); it needs dense gradients: use sparse=False"
+            )
 
 
-def _method_state(state: dict, p: torch.Tensor, name: str) -> torch.Tensor:
-    """The parameter's method state (created as zeros: a cold start), checked."""
-    value = state.get(METHOD_STATE)
-    if value is None:
-        value = state[METHOD_STATE] = torch.zeros_like(p, dtype=torch.float32)
-    elif value.shape != p.shape or value.dtype != torch.float32:
-        raise ValueError(
-            f"{name}: the method state {METHOD_STATE!r} has {value.dtype} {tuple(value.shape)}, "
-            f"expected float32 {tuple(p.shape)} (shaped like the parameter); was the checkpoint "
-            f"saved from another model or partitioning?"
-        )
-    return value
-
-
-def _nonfinite_flag(grads: Sequence[torch.Tensor]) -> tuple["torch.Tensor | bool", Optional[torch.device]]:
+def _nonfinite_flag(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.device]]:
     """Whether any of ``grads`` holds a NaN/Inf, as a 0-d tensor left on the device (no host
-    synchronisation here), and that device."""
+    synchronisation here), the per-tensor "all finite" flags, and that device."""
     if not grads:
-        return False, None
+        none = torch.zeros((), dtype=torch.bool)
+        return none, none.reshape(1), None
     device = grads[0].device
-    ok = torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
-    return ~ok, device
-
-
-def _nonfinite_names(matrices, grads, adamw) -> list[str]:
-    """The names of the tensors with NaN/Inf (synchronises; only on the failing path)."""
-    names = [name for (_, _, name, _), g in zip(matrices, grads)
-             if g is not None and g.numel() and not bool(torch.isfinite(g).all())]
-    return names + [f"adamw param {j} {tuple(p.shape)}" for j, (p, _) in enumerate(adamw)
-                    if not bool(torch.isfinite(_local(p.grad)).all())]
+    ok = torch.stack([torch.isfinite(g).all().to(device) for g in grads])
+    return ~ok.all(), ok, device
 
 
 def _chunks(params: list[torch.Tensor], numel: int) -> list[list[torch.Tensor]]:
@@ -754,5 +714,5 @@ def attach_fsdp1(optimizer: HTMuon, model: torch.nn.Module) -> HTMuon:
     from .distributed.backends import fsdp1
 
     optimizer._fsdp1_registry = fsdp1.collect(model)
-    optimizer._engine = None
+    optimizer._sets.clear()  # a re-wrap moves the pieces: rebuild the plan at the next step
     return optimizer

@@ -122,8 +122,8 @@ def param_groups(
         adamw_options: extra keys for the AdamW group (e.g. ``{"lr": 1e-3, "weight_decay": 0}``).
         split_fused: fused projections (QKV, gate/up, MoE gate_up) as independent row blocks.
         split_heads: attention projections (q/k/v, fused QKV) as one matrix per head.
-        router: where MoE routers (E x H) go: "adamw" (default: measured better on the tiny
-            Mixtral, docs/distributed.md "Expert stacks and fused projections") or "htmuon".
+        router: where MoE routers (E x H) go: "adamw" (default; "htmuon" measured no better on
+            the tiny Mixtral, docs/distributed.md "Expert stacks and fused projections") or "htmuon".
 
     Returns:
         HTMuon groups (``"htmuon": True``, one per distinct ``stack_dims``/``row_blocks``) then

@@ -87,7 +87,7 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:
 
 def layouts_of(opt: HTMuon) -> list[tuple[tuple[int, int], tuple]]:
     """(shape, per-rank ranges) of every matrix, over all of HTMuon's ZeRO engines."""
-    return [(l.shape, l.ranges) for entry in opt._engines.values() for l in entry[0].layouts]
+    return [(l.shape, l.ranges) for mset in opt.matrix_sets for l in mset.engine.layouts]
 
 
 def zero_worker(rank: int, world: int, stage: int, steps: int, accum: int, opt_kwargs: dict,
@@ -132,7 +132,7 @@ def zero_worker(rank: int, world: int, stage: int, steps: int, accum: int, opt_k
         "losses": losses,
         "layouts": layouts_of(opt),
         "backend": getattr(opt, "backend", None),
-        "n_engines": len(opt._engines),
+        "n_engines": len(opt.matrix_sets),
         "opt_type": type(opt).__name__,
         "group_keys": [sorted(k for k in g if k != "params") for g in opt.param_groups],
         "momentum_keys": sorted({k for st in opt.state.values() for k in st}),
@@ -146,10 +146,10 @@ def row_states_of(opt: HTMuon) -> dict[str, torch.Tensor]:
     of the partition's first matrix (empty without normuon)."""
     by_id = {id(p): st for p, st in opt.state.items()}
     out = {}
-    for key in opt._engines:
-        flat_id, first_name = key[0][0], key[0][1]
-        if "normuon_v" in by_id.get(flat_id, {}):
-            out[first_name] = by_id[flat_id]["normuon_v"].detach().clone()
+    for mset in opt.matrix_sets:
+        flat, first_name = mset.entries[0].param, mset.entries[0].name
+        if "normuon_v" in by_id.get(id(flat), {}):
+            out[first_name] = by_id[id(flat)]["normuon_v"].detach().clone()
     return out
 
 

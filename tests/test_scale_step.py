@@ -1,5 +1,5 @@
-"""The scale-ready step: bounded memory, one host synchronisation per step, a wire dtype that
-every rank applies the same way, and the pure update functions.
+"""The scale-ready step: bounded memory, a wire dtype that every rank applies the same way, and
+the pure update functions (host synchronisations: tests/test_host_sync.py).
 
 Memory is measured from the CPU allocator's own records (torch.profiler with
 ``profile_memory=True``: every allocation and free, kernels' workspaces included), so the
@@ -99,81 +99,6 @@ def test_sharded_step_stays_within_the_memory_contract(backend, world, method):
         assert 0 < peak <= bound, f"rank {rank}: peak {peak} > contract {bound}"
 
 
-# -- host synchronisations ---------------------------------------------------------------------
-
-_HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
-class HostReads:
-    """Counts calls that copy a tensor's values to the host (each one is a device
-    synchronisation on a GPU), except on ``allowed`` tensors (the CPU step counters)."""
-
-    def __init__(self, allowed_ids: set[int]) -> None:
-        self.allowed = allowed_ids
-        self.calls: list[str] = []
-
-    def __enter__(self):
-        self.saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
-        for name, original in self.saved.items():
-            def counted(t, *a, _name=name, _orig=original, **k):
-                if id(t) not in self.allowed:
-                    self.calls.append(_name)
-                return _orig(t, *a, **k)
-            setattr(torch.Tensor, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
-
-
-def _step_counters(opt) -> set[int]:
-    return {id(s["step"]) for s in opt.state.values() if "step" in s}
-
-
-def sync_worker(rank, world, backend, method="eigh"):
-    model = build("llama")
-    groups = param_groups(model, "muon")  # matrices and AdamW parameters both
-    wrapped = wrap(model, "llama", backend)
-    if backend == "fsdp2":
-        groups = param_groups(model, "muon")
-    opt = HTMuon(groups, **dict(OPT, method=method))
-    lo, hi = rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH
-    counts = []
-    for k, micro in enumerate(make_batches("llama", 3, 1, PER_RANK_BATCH * world)):
-        loss_fn("llama", wrapped, micro[0][lo:hi]).backward()
-        if k == 0:
-            opt.step()
-        else:
-            with HostReads(_step_counters(opt)) as reads:
-                opt.step()
-            counts.append(reads.calls)
-        opt.zero_grad()
-    return counts
-
-
-@pytest.mark.multirank
-@pytest.mark.parametrize("backend,world,method", [
-    ("none", 1, "eigh"), ("fsdp2", 2, "eigh"), ("ddp", 2, "eigh"), ("fsdp2", 2, "stream"),
-])
-def test_one_host_synchronisation_per_step(backend, world, method):
-    if world == 1:
-        counts = [sync_worker(0, 1, backend, method)]
-    else:
-        counts = run_ranks(sync_worker, world, backend, method)
-    for rank, per_step in enumerate(counts):
-        assert per_step == [["tolist"], ["tolist"]], f"rank {rank}: {per_step}"
-
-
-def test_host_read_counter_sees_a_hidden_sync():
-    """The counter above is not blind: an .item() on a data tensor is caught."""
-    t = torch.ones(3)
-    with HostReads(set()) as reads:
-        t.sum().item()
-        bool(t.all())
-    assert reads.calls == ["item", "__bool__"]
-
-
 # -- the wire dtype, applied evenly -----------------------------------------------------------
 
 
@@ -242,10 +167,15 @@ def test_adamw_matches_torch_adamw():
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
         ref.step()
-        F.adamw_(ours, grads, m, v, [step] * 3, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                 weight_decay=0.1)
+        F.adamw_(ours, grads, m, v, [torch.tensor(float(step))] * 3, lr=1e-2, betas=(0.9, 0.95),
+                 eps=1e-8, weight_decay=0.1, keep=torch.tensor(1.0))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+    # keep = 0 (a skipped step, decided on the device): every tensor stays bit for bit
+    before = [t.clone() for t in ours + m + v]
+    F.adamw_(ours, [torch.randn(*s) for s in shapes], m, v, [torch.tensor(6.0)] * 3, lr=1e-2,
+             betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, keep=torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(ours + m + v, before))
 
 
 def test_momentum_nesterov_and_update_follow_the_formulas():
@@ -283,7 +213,8 @@ def test_adjust_lr_fn_match_rms_adamw_scales_the_update():
 
 def test_nonfinite_patience_stops_a_diverging_run():
     w = nn.Parameter(torch.randn(5, 4))
-    opt = HTMuon([{"params": [w], "htmuon": True}], nonfinite="skip", nonfinite_patience=3)
+    opt = HTMuon([{"params": [w], "htmuon": True}], nonfinite="skip", nonfinite_patience=3,
+                 check_every=1)  # the patience is checked at every step's check
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k in range(2):
@@ -298,5 +229,19 @@ def test_nonfinite_patience_stops_a_diverging_run():
         with pytest.raises(FloatingPointError, match="3 steps in a row"):
             opt.step()
     assert opt.skipped_steps == 5
+    # checked every 4 steps instead: the storm is still caught, at the next check
+    opt = HTMuon([{"params": [w], "htmuon": True}], nonfinite="skip", nonfinite_patience=3,
+                 check_every=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w.grad = torch.randn(5, 4)
+        opt.step()  # step 1: the build check
+        for k in range(2, 4):  # steps 2, 3: no check yet
+            w.grad = torch.full((5, 4), float("nan"))
+            opt.step()
+        w.grad = torch.full((5, 4), float("nan"))
+        with pytest.raises(FloatingPointError, match="3 steps in a row"):
+            opt.step()  # step 4: the check sees 3 skipped in a row
+    assert opt.skipped_steps == 3
     with pytest.raises(ValueError, match="nonfinite_patience"):
         HTMuon([w], nonfinite_patience=0)

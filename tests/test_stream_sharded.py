@@ -183,32 +183,38 @@ def _flat_ranges(world: int, rank: int) -> list[tuple[int, int]]:
 
 
 class _StateUpdate:
-    """A MatrixUpdate over given pieces that keeps a method state shaped like each matrix."""
+    """A MatrixUpdate over given pieces that keeps a method state shaped like each matrix
+    (offsets are into this rank's flat piece)."""
+
+    keeps_method_state = True
+    keeps_row_state = False
+    device = torch.device("cpu")
 
     def __init__(self, inputs, ranges, states):
         self.inputs, self.ranges, self.states = inputs, ranges, states
         self.out = [None] * len(inputs)
 
-    device = torch.device("cpu")
-
     def dtype(self, i):
         return torch.float32
 
-    def prepare(self, indices):
+    def agreed(self, found):
         pass
 
-    def source_into(self, i, start, end, out):
-        base = self.ranges[i][0]
-        out.copy_(self.inputs[i][start - base : end - base])
+    def source_into(self, i, a, b, out):
+        out.copy_(self.inputs[i][a:b])
 
     def state_into(self, i, a, b, out):
-        base = self.ranges[i][0]
-        out.copy_(self.states[i][a - base : b - base])
+        out.copy_(self.states[i][a:b])
+
+    def finish_rows(self, i, result):
+        raise AssertionError("no row state here")
+
+    def apply_rows(self, items):
+        raise AssertionError("no row state here")
 
     def apply_state(self, items):
         for i, a, values in items:
-            base = self.ranges[i][0]
-            self.states[i][a - base : a - base + values.numel()] = values
+            self.states[i][a : a + values.numel()] = values
 
     def apply(self, items):
         for i, piece in items:

@@ -37,8 +37,8 @@ def test_fsdp2_tp_equals_single_process(want, dp, tp, replicas):
     if tp == 2:
         assert "Shard(dim=1)" in first["placements"]["down.weight"]
         assert "_StridedShard" in first["placements"]["up.weight"] or dp == 1
-        # row-parallel pieces are one range per row: their windows travel in wire order
-        assert "down.weight" in first["permuted"] and "up.weight" not in first["permuted"]
+        # row-parallel pieces are one range per row; column-parallel ones one row block
+        assert "down.weight" in first["multi_range"] and "up.weight" not in first["multi_range"]
 
 
 def test_stateful_method_under_tp_pieces_is_refused():

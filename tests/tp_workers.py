@@ -147,6 +147,6 @@ def sharded_train(rank: int, world: int, dp: int, tp: int, replicas: int, steps:
     _train(model, opt, batches(steps, global_batch), data_index, dp * replicas)
     engine = opt.engine
     return {"params": full_params(model, mesh), "owners": list(engine.plan.owners), "names": list(engine.names),
-            "permuted": [n for n, o in zip(engine.names, engine.wire_orders) if o is not None],
+            "multi_range": [n for n, pcs in zip(engine.names, engine.pieces) if any(len(p) > 1 for p in pcs)],
             "placements": {n: str(p.placements) for n, p in model.named_parameters()},
             "sent": opt.comm_bytes_last_step}

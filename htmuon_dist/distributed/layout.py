@@ -108,6 +108,45 @@ def gather_sources(
     return tuple(sources)
 
 
+def piece_sources(
+    shape: tuple[int, int], pieces: Sequence[Sequence[Range]], owner: int, name: str = "matrix",
+    domains: Optional[Sequence[int]] = None,
+) -> tuple[tuple[Range, ...], ...]:
+    """:func:`gather_sources` for pieces that are tuples of ranges (tensor-parallel pieces):
+    per rank, the ranges it sends to ``owner``. Same order and rules, range by range."""
+    world = len(pieces)
+    numel = int(shape[0]) * int(shape[1])
+    covered: list[Range] = []
+    sources: list[tuple[Range, ...]] = [()] * world
+    home = domains[owner] if domains is not None else None
+    order = [owner] + sorted(
+        (r for r in range(world) if r != owner),
+        key=lambda r: (domains is not None and domains[r] != home, r),
+    )
+    for rank in order:
+        sent: list[Range] = []
+        for piece in pieces[rank]:
+            if piece[1] <= piece[0]:
+                continue
+            new = _subtract(tuple(piece), covered)  # type: ignore[arg-type]
+            if len(new) > 1:
+                raise ValueError(
+                    f"{name}: rank {rank}'s piece {tuple(piece)} partially overlaps another rank's "
+                    f"piece; htmuon-dist supports disjoint or identical (replicated) pieces only"
+                )
+            if new:
+                sent.append(new[0])
+                _insert(covered, new[0])
+        sources[rank] = tuple(sent)
+    total = sum(end - start for start, end in covered)
+    if total != numel:
+        raise ValueError(
+            f"{name}: the ranks' pieces {[tuple(p) for p in pieces]} cover {total} of {numel} "
+            f"elements of the {tuple(shape)} matrix; every element must be held by some rank"
+        )
+    return tuple(sources)
+
+
 def validate_ranges(shape: Sequence[int], ranges: Sequence[Range], name: str) -> None:
     """Checks that every range lies inside the matrix, with a message naming ``name``."""
     numel = int(shape[0]) * int(shape[1])

@@ -54,8 +54,8 @@ def optimizer_pieces(opt) -> tuple[list[str], list[torch.Tensor]]:
     opt = getattr(opt, "optimizer", opt)  # Accelerate's AcceleratedOptimizer wraps it
     if getattr(opt, "engine", None) is None:
         raise RuntimeError("optimizer_pieces: the HTMuon engine is built at the first step(); call it after one step")
-    matrices = opt._matrices  # one entry per matrix window, in the engine's order
-    names = [name for _, _, name, _ in matrices]
-    pieces = [pl.local_view(p.to_local() if hasattr(p, "to_local") else p)
-              for pl, (p, _, _, _) in zip(opt._placements, matrices)]
+    mset = opt.matrix_sets[0]
+    names = [e.name for e in mset.entries]
+    pieces = [pl.local_view(e.param.to_local() if hasattr(e.param, "to_local") else e.param)
+              for pl, e in zip(mset.placements, mset.entries)]
     return names, pieces

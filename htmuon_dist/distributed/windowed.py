@@ -7,10 +7,9 @@ per rank. :func:`split_placement` turns that into one :class:`MatrixPlacement` p
 block as a matrix of its own (own owner, balanced like any other), and the elements of one
 parameter still cross the wire once: the windows partition them.
 
-For a multi-range piece the window's parts on the ranks are put one after another in rank
-order (replicas share a position): the "wire order". Each rank's part is then one range of
-it, which is all the engine addresses; the owner puts the assembled matrix back in natural
-order before computing and the result in wire order before scattering (``wire_order``).
+For a multi-range piece (tensor parallel) each window's part on a rank is a tuple of
+window-relative ranges, which the engine addresses directly; its part of the local tensor is
+one contiguous slice (a window is one interval).
 """
 
 from __future__ import annotations
@@ -77,21 +76,19 @@ def wire_layout(per_rank: Sequence[Sequence[Range]], numel: int, name: str) -> t
 
 def split_placement(placement: MatrixPlacement, windows: Sequence[MatrixWindow], rank: int,
                     name: str = "param") -> list[MatrixPlacement]:
-    """One placement per window of a parameter placed as ``placement`` on this ``rank``."""
+    """One placement per window of a parameter placed as ``placement`` on this ``rank``.
+
+    A multi-range piece (tensor parallel) stays a tuple of window-relative ranges in
+    ``local_range`` (the engine addresses such pieces directly); the ranks' pieces of each
+    window are checked to be disjoint or identical and to cover it."""
     if placement.rank_ranges is None:
         return [_single(placement, w) for w in windows]
     out = []
     for w in windows:
         parts = [window_pieces(r, w.offset, w.numel) for r in placement.rank_ranges]
-        order, spans = wire_layout([p for p, _ in parts], w.numel, f"{name}{w.label}")
-        natural = len(order) <= 1 or all(a[1] == b[0] for a, b in zip(order, order[1:]))
-        lo, hi = parts[rank][1]
-        out.append(MatrixPlacement(shape=w.shape, local_range=spans[rank],
-                                   local_view=_narrow(placement.local_view, lo, hi),
-                                   wire_order=None if natural else tuple(order)))
+        wire_layout([p for p, _ in parts], w.numel, f"{name}{w.label}")
+        pieces, (lo, hi) = parts[rank]
+        local_range = tuple(pieces) if len(pieces) > 1 else (pieces[0] if pieces else (0, 0))
+        out.append(MatrixPlacement(shape=w.shape, local_range=local_range,  # type: ignore[arg-type]
+                                   local_view=_narrow(placement.local_view, lo, hi)))
     return out
-
-
-def natural_index(order: Sequence[Range], device: torch.device) -> torch.Tensor:
-    """``idx`` with ``natural.view(-1)[idx] = wire``: where each wire element sits naturally."""
-    return torch.cat([torch.arange(a, b, device=device) for a, b in order])

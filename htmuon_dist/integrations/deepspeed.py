@@ -178,7 +178,7 @@ def _accelerate_deepspeed_plugin():
         return None
     try:
         return AcceleratorState().deepspeed_plugin
-    except Exception:  # noqa: BLE001 - a half-built state is not ours to judge
+    except (AttributeError, KeyError):  # a state without DeepSpeed, or not fully built yet
         return None
 
 
@@ -194,7 +194,7 @@ def check_accelerate(optimizer: Any = None) -> Optional[dict]:
 
         if GradientState._shared_state:
             steps = GradientState().num_steps
-    except Exception:  # noqa: BLE001
+    except (ImportError, AttributeError):  # an older Accelerate, or a state not built yet
         steps = None
     return check_config(plugin.deepspeed_config, optimizer, gradient_accumulation_steps=steps)
 

@@ -100,7 +100,7 @@ class TrainArguments:
         default="reference", metadata={"help": "reference (every >=2-D weight incl. embedding/head to HTMuon) | muon (embedding/head to AdamW)"}
     )
     moe_router: str = field(
-        default="adamw", metadata={"help": "MoE models: the router (E x hidden) to adamw (default, measured better on moe_tiny) or htmuon"}
+        default="adamw", metadata={"help": "MoE models: the router (E x hidden) to adamw (default; htmuon measured no better on moe_tiny, docs/distributed.md) or htmuon"}
     )
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay of the matrices (AdamW: of >=2-D weights)"})
     momentum: float = field(default=0.95, metadata={"help": "HTMuon/Muon momentum"})

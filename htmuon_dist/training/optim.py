@@ -103,6 +103,9 @@ def htmuon_kwargs(t: TrainArguments) -> dict:
         adamw_lr=t.adamw_lr, adamw_betas=(0.9, 0.95), adamw_eps=1e-10,
         adamw_weight_decay=t.adamw_weight_decay,
         nonfinite=t.nonfinite, nonfinite_patience=t.nonfinite_patience,
+        # the loop reads skipped_steps after every step, so HTMuon checks every step too (a
+        # raise or the patience then stops the run at the step itself, as before)
+        check_every=1,
     )
     if normuon:
         kwargs.update(normuon=True, normuon_beta2=t.normuon_beta2)

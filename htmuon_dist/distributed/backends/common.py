@@ -30,7 +30,8 @@ class MatrixPlacement:
 
     Attributes:
         shape: the global 2-D shape.
-        local_range: ``[start, end)`` of the flattened matrix held here.
+        local_range: ``[start, end)`` of the flattened matrix held here, or a tuple of such
+            ranges (ascending, in the local tensor's order) for a tensor-parallel piece.
         local_view: maps the parameter, its gradient or a state tensor shaped like it to a flat
             view (numel = end - start) of the piece held here; writes through the view land in
             the original tensor.
@@ -38,16 +39,12 @@ class MatrixPlacement:
             exchange group, the flat ranges of the parameter it holds, in its local order
             (``local_range`` is then meaningless until :func:`..windowed.split_placement`
             cuts the parameter into matrix windows).
-        wire_order: only for windows of such pieces: the window's flat ranges in the order the
-            ranks' pieces follow one another on the wire, so that each rank's piece is the one
-            range ``local_range`` of that order (None: natural order).
     """
 
     shape: tuple[int, int]
     local_range: tuple[int, int]
     local_view: Callable[[torch.Tensor], torch.Tensor]
     rank_ranges: Optional[tuple[tuple[tuple[int, int], ...], ...]] = None
-    wire_order: Optional[tuple[tuple[int, int], ...]] = None
 
     @classmethod
     def replicated(cls, shape: tuple[int, int]) -> "MatrixPlacement":

@@ -1,0 +1,98 @@
+"""The transport: two reserved buffer slots and the packing of typed channels into them.
+
+One slot serves the gathers (pieces to their owners), the other the scatters (results back);
+each holds a send and a receive region. The pipeline keeps at most one gather and one scatter
+in flight (:mod:`.engine`), and a slot is reused only after its previous exchange has been
+waited for and unpacked, so two slots suffice. They are allocated once, at the size of the
+largest bucket of the schedule (:attr:`~.plan.Schedule.gather_slot`,
+:attr:`~.plan.Schedule.scatter_slot`), and reused every step; a larger schedule (e.g. the
+interval variant's stateful steps) grows them once.
+
+Channels other than the piece are float32 values carried bit for bit in wire elements
+(:func:`put_f32`, :func:`get_f32`), so a bf16 wire carries them losslessly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .plan import Direction
+
+_ALIGN = 16  # bytes: the receive region starts aligned, so float32 views of it are cheap
+
+
+@dataclass
+class Exchange:
+    """One all_to_all in flight: wait, then unpack ``recv`` with ``direction.recv``."""
+
+    work: Any
+    send: torch.Tensor
+    recv: torch.Tensor
+    direction: Direction
+
+    def wait(self) -> None:
+        self.work.wait()
+
+
+class Transport:
+    """The exchange group's all_to_all over two reserved slots (this rank's side).
+
+    Args:
+        group: the process group (every rank of it runs the same schedule).
+    """
+
+    GATHER, SCATTER = 0, 1
+
+    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+        self.group = group
+        self._slots: list[Optional[torch.Tensor]] = [None, None]  # uint8 storage per slot
+
+    def reserved_bytes(self) -> int:
+        """Bytes the two slots hold now."""
+        return sum(s.numel() for s in self._slots if s is not None)
+
+    def buffers(self, slot: int, direction: Direction, wire: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (send, receive) regions of ``slot`` for ``direction``, as wire-dtype views.
+        Grows the slot if needed (only when a new schedule needs more than any before)."""
+        elem = torch.empty(0, dtype=wire).element_size()
+        send_bytes = direction.send_numel * elem
+        recv_at = -(-send_bytes // _ALIGN) * _ALIGN
+        need = recv_at + direction.recv_numel * elem
+        buf = self._slots[slot]
+        if buf is None or buf.numel() < need or buf.device != device:
+            buf = self._slots[slot] = torch.empty(max(need, 1), dtype=torch.uint8, device=device)
+        send = buf[:send_bytes].view(wire)
+        recv = buf[recv_at:need].view(wire)
+        return send, recv
+
+    def start(self, send: torch.Tensor, recv: torch.Tensor, direction: Direction) -> Exchange:
+        """Starts the packed all_to_all (every rank of the group calls it, in the same order)."""
+        work = dist.all_to_all_single(recv, send, list(direction.recv_splits),
+                                      list(direction.send_splits), group=self.group, async_op=True)
+        return Exchange(work=work, send=send, recv=recv, direction=direction)
+
+
+def put_f32(out: torch.Tensor, values: torch.Tensor) -> None:
+    """Writes float32 ``values`` as raw bytes at the start of the wire slice ``out``."""
+    out.view(torch.uint8)[: 4 * values.numel()] = values.reshape(-1).contiguous().view(torch.uint8)
+
+
+def f32_slot(out: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """The first n float32 values of the wire slice ``out`` as a float32 view, or None when
+    its byte offset is not float32-aligned."""
+    data = out.view(torch.uint8)[: 4 * n]
+    return data.view(torch.float32) if data.storage_offset() % 4 == 0 else None
+
+
+def get_f32(raw: torch.Tensor, n: int) -> torch.Tensor:
+    """The n float32 values at the start of the wire slice ``raw``: a view when its byte
+    offset is float32-aligned (always on a float32 wire), else a copy."""
+    data = raw.view(torch.uint8)[: 4 * n]
+    if data.storage_offset() % 4:
+        data = data.clone()
+    return data.view(torch.float32)

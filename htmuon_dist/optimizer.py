@@ -24,18 +24,21 @@ import warnings
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from . import functional as F
 from .distributed.backends import describe_params, zero
 from .distributed.engine import ExchangeEngine, SpectralSpec
 from .distributed.matrix_set import METHOD_STATE, NORMUON_STATE, MatrixEntry, MatrixSet
+from .distributed.windowed import split_placement
+from .matrix_views import matrix_windows
 from .integrations import install_guards
 from .spectral import check_power, get_method, grouped as spectral_grouped, validate_power
 
 _HTMUON_KEYS = (
     "lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval",
-    "adjust_lr_fn", "normuon", "normuon_beta2",
+    "adjust_lr_fn", "normuon", "normuon_beta2", "stack_dims", "row_blocks",
 )
 # State that stays float32 whatever the parameter's dtype (torch's load casts to it).
 _FLOAT32_STATE = (NORMUON_STATE, METHOD_STATE)
@@ -159,7 +162,7 @@ class HTMuon(Optimizer):
         self._htmuon_defaults = dict(
             lr=lr, power=power, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             method=method, rtol=rtol, interval=interval, adjust_lr_fn=adjust_lr_fn,
-            normuon=normuon, normuon_beta2=normuon_beta2,
+            normuon=normuon, normuon_beta2=normuon_beta2, stack_dims=None, row_blocks=None,
         )
         self._adamw_defaults = dict(
             lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
@@ -238,6 +241,13 @@ class HTMuon(Optimizer):
             f"param_groups[{len(self.param_groups)}].params[{j}]" for j in range(len(params))
         ]
         zero.check_not_tagged(params, names)
+        if param_group["htmuon"]:
+            if param_group["row_blocks"] is not None:
+                param_group["row_blocks"] = tuple(int(b) for b in param_group["row_blocks"])
+            for p, name in zip(params, names):  # refuses bad stack_dims / row_blocks now
+                shape = zero.logical_shape(p)
+                if len(shape) >= 2:  # FSDP1 flattens parameters to 1-D: checked at the first step
+                    matrix_windows(shape, param_group["stack_dims"], param_group["row_blocks"], name)
         super().add_param_group(param_group)
         self._origins.append((self.param_groups[-1], params, list(names)))
         self._sets.clear()
@@ -347,7 +357,8 @@ class HTMuon(Optimizer):
         plan): Accelerate swaps parameters after construction, and under ZeRO each flat
         partition is its own set."""
         key = tuple((id(e.param), e.name, id(e.origin)) for e in matrices) + tuple(
-            (e.group["power"], e.group["method"], e.group["rtol"], e.group["normuon"]) for e in matrices
+            (e.group["power"], e.group["method"], e.group["rtol"], e.group["normuon"],
+             e.group["stack_dims"], e.group["row_blocks"]) for e in matrices
         )
         found = self._sets.get(key)
         if found is not None:
@@ -355,9 +366,10 @@ class HTMuon(Optimizer):
         described = describe_params([e.param for e in matrices], [e.name for e in matrices],
                                     self._fsdp1_registry, self.process_group,
                                     zero_origins=[e.origin for e in matrices])
+        matrices, placements = self._windows(matrices, described.placements, described.group)
         engine = ExchangeEngine(
-            shapes=[pl.shape for pl in described.placements],
-            local_ranges=[pl.local_range for pl in described.placements],
+            shapes=[pl.shape for pl in placements],
+            local_ranges=[pl.local_range for pl in placements],
             specs=[self._spec(e.group) for e in matrices],
             names=[e.name for e in matrices],
             group=described.group,
@@ -365,13 +377,33 @@ class HTMuon(Optimizer):
             bucket_numel=self.bucket_numel,
             domains=described.domains,
             row_state_numels=[pl.shape[0] if e.group["normuon"] else 0
-                              for pl, e in zip(described.placements, matrices)],
+                              for pl, e in zip(placements, matrices)],
         )
-        mset = MatrixSet(matrices, described.placements, engine, described.backend)
+        mset = MatrixSet(matrices, placements, engine, described.backend)
         if described.backend != "zero":  # a new parameter set replaces the old one
             self._sets.clear()
         self._sets[key] = mset
         return mset
+
+    def _windows(self, matrices: list[MatrixEntry], placements, group) -> tuple[list, list]:
+        """Each parameter's placement cut into its matrix windows (``stack_dims``,
+        ``row_blocks``): one engine matrix per expert / row block, named ``name[e].rows[a:b]``."""
+        rank = dist.get_rank(group) if group is not None else 0
+        out_m, out_p = [], []
+        for e, placement in zip(matrices, placements):
+            flat = self._fsdp1_registry.get(id(e.param))  # FSDP1 views are 1-D: the original shape
+            shape = flat.shape if flat is not None else zero.logical_shape(e.origin if e.origin is not None else e.param)
+            windows = matrix_windows(shape, e.group["stack_dims"], e.group["row_blocks"], e.name)
+            split = split_placement(placement, windows, rank, e.name)
+            multi = any(not isinstance(pl.local_range[0], int) for pl in split)
+            if multi and get_method(e.group["method"]).stateful:
+                raise ValueError(
+                    f"{e.name}: method={e.group['method']!r} keeps state per matrix, which tensor-"
+                    f"parallel pieces cannot address yet; use a stateless method (eigh, gram32, ...)"
+                )
+            out_m.extend(MatrixEntry(e.param, e.group, e.name + w.label, e.origin) for w in windows)
+            out_p.extend(split)
+        return out_m, out_p
 
     @property
     def matrix_sets(self) -> list[MatrixSet]:
@@ -471,6 +503,8 @@ class HTMuon(Optimizer):
                  if p.grad is not None]
         _check_dense(matrices, adamw)
         mset = self._matrix_set(matrices) if matrices else None
+        if mset is not None:
+            matrices = mset.entries  # one entry per matrix window (expert, row block)
         grads = mset.local_grads() if mset is not None else []
         named = [(e.name, g) for e, g in zip(matrices, grads) if g is not None and g.numel()]
         named += [(f"adamw param {j} {tuple(p.shape)}", _local(p.grad)) for j, (p, _) in enumerate(adamw)

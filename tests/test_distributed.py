@@ -318,14 +318,23 @@ def tensor_parallel_worker(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    torch.manual_seed(0)  # the same full tensors on every rank
+    w0, g = torch.randn(6, 9), torch.randn(6, 9)
     mesh = init_device_mesh("cpu", (world,))
-    w = torch.nn.Parameter(distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)]))
-    opt = HTMuon([{"params": [w], "param_names": ["layers.0.attn.o_proj.weight"], "htmuon": True}])
-    w.grad = distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)])
+    w = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(1)]))
+    opt = HTMuon([{"params": [w], "param_names": ["layers.0.attn.o_proj.weight"], "htmuon": True}], lr=0.1)
+    w.grad = distribute_tensor(g, mesh, [Shard(1)])
     opt.step()
+    return w.full_tensor(), w0, g
 
 
-def test_tensor_parallel_shard1_is_refused_naming_the_parameter():
-    results = run_ranks(tensor_parallel_worker, 2, expect_errors=True, timeout=120)
-    for status, value in results:
-        assert status == "error" and "layers.0.attn.o_proj.weight" in value and "dim 1" in value, value
+def test_tensor_parallel_shard1_alone_equals_single_process():
+    """A column-sharded (Shard(1)) matrix on a 1-D mesh: one range per row on each rank."""
+    results = run_ranks(tensor_parallel_worker, 2, timeout=120)
+    got, w0, g = results[0]
+    w = torch.nn.Parameter(w0.clone())
+    opt = HTMuon([{"params": [w], "htmuon": True}], lr=0.1, process_group=None)
+    w.grad = g
+    opt.step()
+    for full, _, _ in results:
+        assert_same_params({"w": full}, {"w": w.detach()})

@@ -28,7 +28,7 @@ import torch
 from .. import functional as F
 from ..normuon import normuon_rescale
 from ..spectral import get_method
-from .engine import SOURCE_CHUNK, ExchangeEngine, SpectralSpec
+from .engine import SOURCE_CHUNK, ExchangeEngine, SpectralSpec, _as_piece
 
 # The key of NorMuon's per-row second moment in a parameter's state: float32, one value per
 # row of the matrix (under ZeRO, the rows of every matrix of the flat partition, in order).
@@ -92,7 +92,8 @@ class MatrixSet:
         out = []
         for e, pl in zip(self.entries, self.placements):
             g = e.param.grad
-            out.append(g is not None and (pl.local_range[1] > pl.local_range[0]))
+            held = sum(b - a for a, b in _as_piece(pl.local_range))  # one range or a TP tuple
+            out.append(g is not None and held > 0)
         return out
 
     def pattern(self) -> tuple[bool, ...]:

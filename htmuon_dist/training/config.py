@@ -99,6 +99,9 @@ class TrainArguments:
     param_convention: str = field(
         default="reference", metadata={"help": "reference (every >=2-D weight incl. embedding/head to HTMuon) | muon (embedding/head to AdamW)"}
     )
+    moe_router: str = field(
+        default="adamw", metadata={"help": "MoE models: the router (E x hidden) to adamw (default; htmuon measured no better on moe_tiny, docs/distributed.md) or htmuon"}
+    )
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay of the matrices (AdamW: of >=2-D weights)"})
     momentum: float = field(default=0.95, metadata={"help": "HTMuon/Muon momentum"})
     normuon_beta2: float = field(default=0.95, metadata={"help": "normuon/htnormuon: EMA factor of the per-row second moment"})
@@ -174,6 +177,8 @@ class Config:
 # project's CPU demo (tuned for a few hundred steps, not from the paper).
 REFERENCE_TABLE: dict[str, dict[str, Any]] = {
     "tiny": dict(max_steps=300, warmup_steps=30, adamw=3e-3, muon=0.02, htmuon=0.05),
+    # the Mixtral-style CPU MoE (4 experts): tiny's values, not tuned for it
+    "moe_tiny": dict(max_steps=300, warmup_steps=30, adamw=3e-3, muon=0.02, htmuon=0.05),
     "60m": dict(max_steps=10_000, warmup_steps=1_000, adamw=1e-3, muon=0.01, htmuon=0.03),
     "135m": dict(max_steps=20_000, warmup_steps=2_000, adamw=1e-3, muon=0.01, htmuon=0.03),
     "350m": dict(max_steps=60_000, warmup_steps=6_000, adamw=1e-3, muon=5e-3, htmuon=5e-3),
@@ -274,6 +279,8 @@ def resolve(cfg: Config, world_size: int) -> tuple[Config, int]:
         _unknown(t.optimizer, OPTIMIZERS, "--optimizer")
     if t.parallel not in STRATEGIES:
         _unknown(t.parallel, STRATEGIES, "--parallel")
+    if t.moe_router not in ("adamw", "htmuon"):
+        raise ConfigError(f"--moe_router must be 'adamw' or 'htmuon', got {t.moe_router!r}")
     if t.param_convention not in ("reference", "muon"):
         raise ConfigError(f"--param_convention must be 'reference' or 'muon', got {t.param_convention!r}")
     if t.mixed_precision not in ("auto", "bf16", "no"):

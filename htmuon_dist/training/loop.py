@@ -29,7 +29,7 @@ from .data import TokenStream, eval_batches, load_documents, load_tokenizer
 from .memory import malloc_trim
 from .metrics import MetricsWriter, plot_losses
 from .model import build_model, count_parameters, describe, export_pretrained, load_llama_config, materialize
-from .optim import build_optimizer, build_scheduler, matrix_names
+from .optim import build_optimizer, build_scheduler, matrix_names, matrix_splits
 from .preemption import PREEMPTED_EXIT, PreemptionWatch, process_group_kwargs, write_marker
 from .parallel import apply_fsdp1, apply_fsdp2, clip_grad_norm, detect_strategy, set_gradient_sync
 
@@ -222,7 +222,9 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
             raise ConfigError("--param_dtype bf16 is not supported with DeepSpeed: pass --param_dtype fp32 (c4_reference.yaml sets bf16) and enable bf16 in the DeepSpeed config")
         for p in model.parameters():  # before wrapping/materialising: shards and init follow;
             p.data = p.data.to(torch.bfloat16)  # buffers (rotary tables) stay fp32
-    routed = matrix_names(model, t.param_convention) if t.optimizer != "adamw" else matrix_names(model, "reference")
+    routed = (matrix_names(model, t.param_convention, t.moe_router) if t.optimizer != "adamw"
+              else matrix_names(model, "reference"))
+    splits = matrix_splits(model, t.param_convention, t.moe_router) if t.optimizer != "adamw" else {}
     std = model_cfg.initializer_range
     if strategy == "deepspeed":
         pass  # ZeRO-3 may have partitioned the parameters at construction: keep HF's N(0, std) init
@@ -236,7 +238,7 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
         materialize(model, device, t.seed, std)
         if strategy == "fsdp1":
             model = apply_fsdp1(model, device, rt.bf16)
-    optimizer = build_optimizer(model, t, routed)
+    optimizer = build_optimizer(model, t, routed, splits)
     if strategy == "fsdp1" and t.optimizer != "adamw":
         from htmuon_dist import attach_fsdp1
 

@@ -1,4 +1,6 @@
-"""LLaMA configs from ``configs/model/*.json``, deterministic initialisation, and export.
+"""LLaMA (and Mixtral-style MoE) configs from ``configs/model/*.json``, deterministic
+initialisation, and export. ``"model_type": "mixtral"`` builds a ``MixtralForCausalLM``
+(experts stored as (E, 2I, H) / (E, H, I) tensors, a top-k router per layer).
 
 Initialisation is a function of (seed, parameter name) only: every parameter is drawn from its
 own generator, so a model is the same whether it was built whole on one process, replicated
@@ -33,8 +35,6 @@ def load_llama_config(args: ModelArguments, tokenizer_size: Optional[int] = None
     """
     import difflib
 
-    from transformers import LlamaConfig
-
     path = model_config_path(args.model)
     try:
         raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
@@ -50,6 +50,10 @@ def load_llama_config(args: ModelArguments, tokenizer_size: Optional[int] = None
         if not isinstance(overrides, dict):
             raise ConfigError(f"--model_overrides must be a JSON object, got {type(overrides).__name__}; example: '{{\"num_hidden_layers\": 2}}'")
         raw.update(overrides)
+    model_type = raw.get("model_type", "llama")
+    if model_type not in _CLASSES:
+        raise ConfigError(f"{path}: model_type {model_type!r}; this trainer builds {sorted(_CLASSES)} models only")
+    LlamaConfig = _config_class(model_type)  # noqa: N806 - the config class of model_type
     allowed = set(LlamaConfig().to_dict()) | _EXTRA_KEYS
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -58,8 +62,6 @@ def load_llama_config(args: ModelArguments, tokenizer_size: Optional[int] = None
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"{path}: unknown LlamaConfig keys {', '.join(hints)}; fix or remove them")
-    if raw.get("model_type", "llama") != "llama":
-        raise ConfigError(f"{path}: model_type {raw['model_type']!r}; this trainer builds LlamaForCausalLM only")
     raw.pop("_comment", None)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings"):
@@ -84,11 +86,30 @@ def load_llama_config(args: ModelArguments, tokenizer_size: Optional[int] = None
     return cfg
 
 
+_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+
+
+def _config_class(model_type: str):
+    import transformers
+
+    return getattr(transformers, _CLASSES[model_type][0])
+
+
+def model_class(cfg):
+    """The causal-LM class for ``cfg.model_type`` (LlamaForCausalLM or MixtralForCausalLM)."""
+    import transformers
+
+    return getattr(transformers, _CLASSES[getattr(cfg, "model_type", "llama")][1])
+
+
 def describe(cfg) -> dict[str, Any]:
     """The shape-defining fields, for checkpoint compatibility checks and logs."""
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "tie_word_embeddings")
-    return {k: getattr(cfg, k) for k in keys}
+    out = {k: getattr(cfg, k) for k in keys}
+    if getattr(cfg, "model_type", "llama") == "mixtral":
+        out.update(num_local_experts=cfg.num_local_experts, num_experts_per_tok=cfg.num_experts_per_tok)
+    return out
 
 
 def count_parameters(cfg) -> int:
@@ -96,6 +117,9 @@ def count_parameters(cfg) -> int:
     h, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    if getattr(cfg, "model_type", "llama") == "mixtral":  # E experts and an (E, h) router
+        experts = cfg.num_local_experts
+        per_layer = 2 * h * h + 2 * h * kv + experts * 3 * h * f + experts * h + 2 * h
     return v * h * (1 if cfg.tie_word_embeddings else 2) + layers * per_layer + h
 
 
@@ -123,6 +147,8 @@ def init_weights_(model: nn.Module, seed: int, std: float) -> None:
                 fill = 1.0
             elif isinstance(module, (nn.Linear, nn.Embedding)) and pname == "weight":
                 fill = None
+            elif kind.endswith("Experts") or (kind.endswith("Router") and pname == "weight"):
+                fill = None  # MoE expert stacks (E, ., .) and the router (E, h): N(0, std) like a Linear
             elif pname == "bias":
                 fill = 0.0
             else:
@@ -142,11 +168,11 @@ def init_weights_(model: nn.Module, seed: int, std: float) -> None:
 
 
 def build_model(cfg, on_meta: bool, activation_checkpointing: bool, zero3_aware: bool = False) -> nn.Module:
-    """A LlamaForCausalLM, parameters on the meta device if ``on_meta`` (buffers stay real, so
+    """A LlamaForCausalLM (MixtralForCausalLM for a mixtral config), parameters on the meta device if ``on_meta`` (buffers stay real, so
     the rotary tables survive ``to_empty``; see :func:`materialize`). ``zero3_aware``: built
     with ``_from_config``, which partitions at construction under an active DeepSpeed ZeRO-3
     config (Accelerate's ``zero3_init_flag``)."""
-    from transformers import LlamaForCausalLM
+    LlamaForCausalLM = model_class(cfg)  # noqa: N806
 
     if zero3_aware:
         model = LlamaForCausalLM._from_config(cfg)
@@ -182,7 +208,7 @@ def export_pretrained(state_dict: dict[str, torch.Tensor], cfg, tokenizer, out_d
 
     Call on one process with the full state dict (on the CPU).
     """
-    from transformers import LlamaForCausalLM
+    LlamaForCausalLM = model_class(cfg)  # noqa: N806
 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)

@@ -19,15 +19,26 @@ def clean_name(name: str) -> str:
     return name
 
 
-def matrix_names(model: nn.Module, convention: str) -> set[str]:
+def matrix_names(model: nn.Module, convention: str, router: str = "adamw") -> set[str]:
     """Names routed to HTMuon/Muon, decided on the unwrapped model (FSDP1 flattens parameters to
     1-D views afterwards, so shapes cannot be read from the wrapped one)."""
     from htmuon_dist import param_groups
 
-    return {clean_name(n) for g in param_groups(model, convention=convention) if g["htmuon"] for n in g["param_names"]}
+    return {clean_name(n) for g in param_groups(model, convention=convention, router=router)
+            if g["htmuon"] for n in g["param_names"]}
 
 
-def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str]) -> torch.optim.Optimizer:
+def matrix_splits(model: nn.Module, convention: str, router: str = "adamw") -> dict[str, dict]:
+    """Per routed name, the group keys that cut it into independent matrices (``stack_dims``,
+    ``row_blocks``: MoE experts per expert and gate apart from up); decided on the unwrapped model."""
+    from htmuon_dist import param_groups
+
+    return {clean_name(n): {k: g[k] for k in ("stack_dims", "row_blocks") if k in g}
+            for g in param_groups(model, convention=convention, router=router) if g["htmuon"] for n in g["param_names"]}
+
+
+def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str],
+                    splits: "dict[str, dict] | None" = None) -> torch.optim.Optimizer:
     """The HTMuon family (htmuon, htmuon_interval, htmuon_stream, htmuon_ns, htmuon_ht, muon, normuon,
     htnormuon, htnormuon_interval): :class:`htmuon_dist.HTMuon` on ``matrices`` (kwargs from
     :func:`htmuon_kwargs`) and its AdamW (betas 0.9/0.95, eps 1e-10 as the reference, weight
@@ -48,7 +59,14 @@ def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str]) -> 
         )
     from htmuon_dist import HTMuon
 
-    groups = [{"params": [p for _, p in mat], "param_names": [n for n, _ in mat], "htmuon": True}]
+    by_split: dict[str, list] = {}
+    for n, p in mat:  # one HTMuon group per distinct split (experts, fused blocks), same options
+        by_split.setdefault(repr(sorted((splits or {}).get(n, {}).items())), []).append((n, p))
+    groups = []
+    for members in by_split.values():
+        extra = (splits or {}).get(members[0][0], {})
+        groups.append({"params": [p for _, p in members], "param_names": [n for n, _ in members],
+                       "htmuon": True, **extra})
     if rest:
         groups.append({"params": [p for _, p in rest], "param_names": [n for n, _ in rest], "htmuon": False})
     return HTMuon(groups, **htmuon_kwargs(t))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -30,15 +30,21 @@ class MatrixPlacement:
 
     Attributes:
         shape: the global 2-D shape.
-        local_range: ``[start, end)`` of the flattened matrix held here.
+        local_range: ``[start, end)`` of the flattened matrix held here, or a tuple of such
+            ranges (ascending, in the local tensor's order) for a tensor-parallel piece.
         local_view: maps the parameter, its gradient or a state tensor shaped like it to a flat
             view (numel = end - start) of the piece held here; writes through the view land in
             the original tensor.
+        rank_ranges: only for pieces that are not one range (tensor parallel): per rank of the
+            exchange group, the flat ranges of the parameter it holds, in its local order
+            (``local_range`` is then meaningless until :func:`..windowed.split_placement`
+            cuts the parameter into matrix windows).
     """
 
     shape: tuple[int, int]
     local_range: tuple[int, int]
     local_view: Callable[[torch.Tensor], torch.Tensor]
+    rank_ranges: Optional[tuple[tuple[tuple[int, int], ...], ...]] = None
 
     @classmethod
     def replicated(cls, shape: tuple[int, int]) -> "MatrixPlacement":

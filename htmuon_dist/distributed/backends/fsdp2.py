@@ -1,9 +1,10 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters are DTensors sharded by rows.
 
-Supported placements: ``(Shard(0),)`` on a 1-D mesh, and HSDP ``(Replicate(), Shard(0))`` on a
-2-D mesh that spans the whole world (the exchange then runs over all ranks, so replicas share
-the spectral work instead of repeating it). A shard on dim 1 (tensor parallel), a matrix sharded
-over two mesh dimensions, strided or partial placements are refused naming the parameter.
+Supported placements: ``(Shard(0),)`` on a 1-D mesh; HSDP ``(Replicate(), Shard(0))``; FSDP2 x
+tensor parallel ``(_StridedShard(0), Shard(0))`` (ColwiseParallel) and ``(Shard(0), Shard(1))``
+(RowwiseParallel), with a leading ``Replicate()`` for HSDP x TP. A mesh of more than one dim
+must span the whole world (the exchange then runs over all ranks, so replicas share the
+spectral work instead of repeating it). Partial placements are refused naming the parameter.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..dtensor_ranges import local_flat_ranges, mesh_coordinates
 from .common import MatrixPlacement, matrix_shape
 
 try:  # torch >= 2.5 public location
@@ -29,41 +31,46 @@ def _local_flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def describe(p: torch.Tensor, name: str) -> tuple[MatrixPlacement, dist.ProcessGroup]:
-    """Placement and exchange group of a DTensor parameter ``p`` (global shape ``p.shape``)."""
+    """Placement and exchange group of a DTensor parameter ``p`` (global shape ``p.shape``).
+
+    Every rank's piece comes from :func:`..dtensor_ranges.local_flat_ranges` (mesh shape,
+    placements, global shape: no communication). When some rank's piece is several ranges
+    (``Shard(1)`` under FSDP2 x TP), the placement lists every rank's ranges
+    (``rank_ranges``) for :func:`..windowed.split_placement` to order on the wire.
+    """
     shape = matrix_shape(p.shape, name)
     mesh, placements = p.device_mesh, p.placements
-    shard_dims = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
     # type() rather than isinstance: _StridedShard (FSDP2 + TP) subclasses Shard.
-    unsupported = [pl for pl in placements if not (isinstance(pl, Replicate) or type(pl) is Shard)]
+    unsupported = [pl for pl in placements
+                   if not (isinstance(pl, Replicate) or type(pl) is Shard or type(pl).__name__ == "_StridedShard")]
     if unsupported:
         raise ValueError(
-            f"{name}: DTensor placements {placements} are not supported by HTMuon (only "
-            f"Shard(0) as FSDP2 places them, optionally with Replicate() for HSDP)"
-        )
-    if len(shard_dims) > 1 or any(placements[i].dim != 0 for i in shard_dims):
-        raise ValueError(
-            f"{name}: DTensor placements {placements} shard the matrix on dim 1 or over "
-            f"several mesh dimensions (tensor parallel); HTMuon supports FSDP2's Shard(0) on one "
-            f"mesh dimension only"
+            f"{name}: DTensor placements {placements} are not supported by HTMuon (Shard, "
+            f"_StridedShard and Replicate: FSDP2, HSDP, FSDP2 x tensor parallel); a Partial "
+            f"placement means an unreduced gradient-like value, not a parameter"
         )
     local = p.to_local()
     group = _mesh_group(mesh, name)
     check_offload(local, group, name)
     if local.ndim and not local.is_contiguous():
         raise ValueError(f"{name}: the local shard is not contiguous; cannot address it flat")
-    if shard_dims:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        local_shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
-        row_start, rows = int(offset[0]), int(local_shape[0])
-    else:  # replicated DTensor: the whole matrix on every rank of the mesh
-        row_start, rows = 0, shape[0]
-    cols = shape[1]
-    placement = MatrixPlacement(
-        shape=shape,
-        local_range=(row_start * cols, (row_start + rows) * cols),
-        local_view=_local_flat,
-    )
+    coords = mesh_coordinates(mesh.mesh.tolist())
+    ranks = dist.get_process_group_ranks(group) if group is not dist.group.WORLD else range(dist.get_world_size())
+    mesh_shape = tuple(mesh.mesh.shape)
+    per_rank = tuple(tuple(local_flat_ranges(p.shape, mesh_shape, placements, coords[g])) for g in ranks)
+    mine = per_rank[dist.get_rank(group)]
+    if sum(b - a for a, b in mine) != local.numel():
+        raise ValueError(
+            f"{name}: placements {placements} on mesh {mesh_shape} should give this rank "
+            f"{sum(b - a for a, b in mine)} elements, its local tensor has {local.numel()}; "
+            f"this DTensor layout is not one htmuon-dist can address"
+        )
+    if all(len(r) <= 1 for r in per_rank):
+        placement = MatrixPlacement(shape=shape, local_range=mine[0] if mine else (0, 0),
+                                    local_view=_local_flat)
+    else:
+        placement = MatrixPlacement(shape=shape, local_range=(0, 0), local_view=_local_flat,
+                                    rank_ranges=per_rank)
     return placement, group
 
 
@@ -110,15 +117,14 @@ def _mesh_group(mesh, name: str) -> dist.ProcessGroup:
 
 
 def domains(p: torch.Tensor) -> "list[int] | None":
-    """Per world rank, its HSDP replica group (the mesh's first dimension), or None for a 1-D
-    mesh. A replica group holds every matrix whole, usually on one node, so owners gather
-    from their own replica group first and nothing crosses nodes that the owner's node holds."""
+    """Per world rank, its HSDP replica group (the index along a leading ``Replicate()`` mesh
+    dim), or None without one. A replica group holds every matrix whole, usually on one node,
+    so owners gather from their own replica group first and nothing crosses nodes that the
+    owner's node holds."""
     mesh = p.device_mesh
-    if mesh.ndim != 2 or mesh.size() != dist.get_world_size():
+    if mesh.ndim < 2 or mesh.size() != dist.get_world_size() or not isinstance(p.placements[0], Replicate):
         return None
-    layout = mesh.mesh.reshape(mesh.mesh.shape[0], -1).tolist()
     out = [0] * dist.get_world_size()
-    for replica, ranks in enumerate(layout):
-        for rank in ranks:
-            out[int(rank)] = replica
+    for rank, coord in mesh_coordinates(mesh.mesh.tolist()).items():
+        out[rank] = coord[0]
     return out

@@ -211,22 +211,41 @@ def test_nonfinite_storm_stops_after_patience(cache_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.multirank
-def test_sigterm_on_one_rank_checkpoints_that_step_and_resume_is_exact(cache_dir, tmp_path_factory, monkeypatch):
-    """Only rank 1 gets SIGTERM after step 3: the ranks agree, both checkpoint step 3 and exit 75;
-    the rerun resumes at 3 and reproduces the uninterrupted losses bit for bit."""
+def test_sigterm_on_one_rank_stops_within_the_check_interval_and_resume_is_exact(cache_dir, tmp_path_factory, monkeypatch):
+    """Only rank 1 gets SIGTERM after step 3; the ranks agree on it at the next check step
+    (``--preempt_check_steps 2``: step 4), both checkpoint step 4 and exit 75; the rerun
+    resumes at 4 and reproduces the uninterrupted losses bit for bit."""
     full, part = tmp_path_factory.mktemp("fsdp2_full6"), tmp_path_factory.mktemp("fsdp2_sigterm")
-    base = [*TINY, "--max_steps", str(STEPS), "--save_steps", "4", "--export_model", "false"]
+    base = [*TINY, "--max_steps", str(STEPS), "--save_steps", "4", "--export_model", "false",
+            "--preempt_check_steps", "2"]
     launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(full)])
     monkeypatch.setenv("HTMUON_FAULT_INJECT", "sigterm:3@1")
     proc = launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(part)], check=False)
     monkeypatch.delenv("HTMUON_FAULT_INJECT")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and out.count("exitcode  : 75") == 2, out[-3000:]
-    assert json.loads((part / "PREEMPTED").read_text())["step"] == 3
-    assert (part / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+    assert json.loads((part / "PREEMPTED").read_text())["step"] == 4
+    assert (part / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    assert not (part / "checkpoints" / "step_00000005").exists()
     assert json.loads((part / "summary.json").read_text())["preempted_by"] == "SIGTERM"
     proc = launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(part)])
-    assert "resumed at step 3" in proc.stdout and not (part / "PREEMPTED").exists()
+    assert "resumed at step 4" in proc.stdout and not (part / "PREEMPTED").exists()
+    _losses_equal(full, part, STEPS)
+
+
+@pytest.mark.multirank
+def test_checkpoint_inside_a_batch_window_resumes_exactly(cache_dir, tmp_path_factory):
+    """--packing false draws the batches of a window of steps ahead (StepBatches, windows end
+    at every 4th step here): the step-2 checkpoint, taken while step 3's batches are already
+    drawn, must hold the stream where step 2 left it."""
+    full, part = tmp_path_factory.mktemp("padded_full"), tmp_path_factory.mktemp("padded_part")
+    base = [*TINY, "--max_steps", str(STEPS), "--save_steps", "2", "--export_model", "false",
+            "--packing", "false", "--preempt_check_steps", "4"]
+    launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(full)])
+    launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(part), "--stop_at_step", "3"])
+    step2 = part / "checkpoints" / "step_00000002"
+    proc = launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(part), "--resume", str(step2)])
+    assert "resumed at step 2" in proc.stdout
     _losses_equal(full, part, STEPS)
 
 

@@ -15,7 +15,6 @@ STEPS, LOG, CHECK = 8, 4, 4
 
 def _argv(out: str, packing: bool) -> list[str]:
     argv = [a if a != "configs/train/tiny_cpu.yaml" else str(REPO / a) for a in TINY]
-    argv = [a for a in argv]
     i = argv.index("--logging_steps")
     argv[i + 1] = str(LOG)
     return [*argv, "--max_steps", str(STEPS), "--save_steps", "0", "--export_model", "false",

@@ -14,10 +14,15 @@ settings and state already created. One ``opt.step()`` is measured per rank:
 against ``HTMuon.memory_bound()`` (the contract of docs/distributed.md, computed from the plan)
 and the acceptance bar of the scale-ready issue, 4 x the largest matrix (fp32) + 256 MiB.
 
-Training step (``--train``): a LLaMA built by the trainer's own functions, FSDP2 over W gloo
-ranks, batch 2 x 64 tokens per rank, one forward + backward + ``opt.step()`` with the trainer's
-HTMuon and with its AdamW (``torch.optim.AdamW``), in separate process groups of the same run;
-per rank the process's peak RSS (VmHWM) and the step time.
+Training steps (``--train``): a LLaMA built by the trainer's own functions, FSDP2 over W gloo
+ranks, batch 2 x 64 tokens per rank, ``--train-steps`` (default 3) steps of forward + backward +
+``clip_grad_norm`` + ``opt.step()`` + ``zero_grad`` with the trainer's HTMuon and with its AdamW
+(``torch.optim.AdamW``), each in its own processes; per rank the process's peak RSS (VmHWM)
+over all steps, after each step, and the last step's times. One step is not enough: the first
+step creates the optimizer state, and AdamW's peak rises by about 1.3 GiB at 350M in the
+second (benchmarks/results/memory_cpu.txt). The trainer's ``/usr/bin/time -v`` maximum adds
+what follows the steps (evaluation, the final checkpoint, the export's full state dict on
+rank 0); with ``--save_steps 0 --export_model false`` it measures the steps as this does.
 
 Prints a table; ``--json`` writes ``{"rows": [...]}`` with, per row, ``case``, ``peak_bytes``,
 ``bound_bytes`` and ``ok`` (peak <= bound). Exit status 1 if a layer-set row exceeds its bound.
@@ -122,12 +127,18 @@ def layer_set_worker(rank: int, world: int, name: str, device: str, method: str)
                 step_s=seconds, buckets=len(opt.engine.plan.buckets))
 
 
-def train_step_worker(rank: int, world: int, model: str, optimizer: str) -> dict[str, Any]:
-    """One FSDP2 training step of ``model`` built and optimised as the trainer does."""
+def train_step_worker(rank: int, world: int, model: str, optimizer: str, steps: int) -> dict[str, Any]:
+    """``steps`` FSDP2 training steps of ``model`` built, clipped and optimised as the trainer does
+    (forward + backward, ``clip_grad_norm``, ``opt.step()``, ``zero_grad(set_to_none=True)``).
+
+    The process's peak RSS (VmHWM) is read after every step: the first step is not the steady
+    state (AdamW's two moments and HTMuon's momentum are created inside it, from memory the
+    backward has just freed), so the figure is the peak over all steps, as ``/usr/bin/time -v``
+    reports for a training run."""
     from htmuon_dist.training.config import ModelArguments, TrainArguments
     from htmuon_dist.training.model import build_model, load_llama_config, materialize
     from htmuon_dist.training.optim import build_optimizer, matrix_names
-    from htmuon_dist.training.parallel import apply_fsdp2
+    from htmuon_dist.training.parallel import apply_fsdp2, clip_grad_norm
 
     torch.manual_seed(0)
     cfg = load_llama_config(ModelArguments(model=model))
@@ -138,14 +149,22 @@ def train_step_worker(rank: int, world: int, model: str, optimizer: str) -> dict
     net = apply_fsdp2(net, torch.device("cpu"), False, True)
     materialize(net, torch.device("cpu"), 0, 0.02)
     opt = build_optimizer(net, t, routed)
-    ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(rank))
-    t0 = time.perf_counter()
-    net(input_ids=ids, labels=ids).loss.backward()
-    t1 = time.perf_counter()
-    opt.step()
-    t2 = time.perf_counter()
-    return dict(case=f"train {model} fsdp2", world=world, rank=rank, optimizer=optimizer,
-                peak_rss_bytes=_status("VmHWM"), fwd_bwd_s=t1 - t0, opt_step_s=t2 - t1,
+    gen = torch.Generator().manual_seed(rank)
+    fwd_bwd, opt_step, peaks = [], [], []
+    for _ in range(steps):
+        ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=gen)
+        t0 = time.perf_counter()
+        net(input_ids=ids, labels=ids).loss.backward()
+        t1 = time.perf_counter()
+        clip_grad_norm(net, "fsdp2", 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        fwd_bwd.append(t1 - t0)
+        opt_step.append(t2 - t1)
+        peaks.append(_status("VmHWM"))
+    return dict(case=f"train {model} fsdp2", world=world, rank=rank, optimizer=optimizer, steps=steps,
+                peak_rss_bytes=peaks[-1], peak_rss_after_step=peaks, fwd_bwd_s=fwd_bwd[-1], opt_step_s=opt_step[-1],
                 bound_bytes=opt.memory_bound() if hasattr(opt, "memory_bound") else None)
 
 
@@ -160,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--world", default="1,2", help="comma list of world sizes for the layer sets")
     ap.add_argument("--train", default="350m", help="comma list of models for the FSDP2 training step, or 'none'")
     ap.add_argument("--train-world", type=int, default=2, help="ranks of the training step (FSDP2)")
+    ap.add_argument("--train-steps", type=int, default=3,
+                    help="steps of the training case (>= 2: the first step is not the steady state)")
     ap.add_argument("--train-optimizers", default="htmuon,adamw", help="optimizers compared in the training step")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--method", default="eigh", help="spectral method of the layer sets (default: the optimizer's)")
@@ -194,14 +215,14 @@ def main(argv=None) -> int:
                           f"{_gib(r['bound_bytes']):>8} {_gib(r['bar_bytes']):>8} {r['step_s']:7.1f}"
                           f"  {'ok' if r['ok'] else 'OVER'}")
     if args.train != "none" and args.device == "cpu":
-        print(f"\n{'training step':16} {'optimizer':9} {'rank':>4} {'peak RSS':>9} {'fwd+bwd s':>9} "
-              f"{'opt.step s':>10}")
+        print(f"\n{'training steps':16} {'optimizer':9} {'rank':>4} {'peak RSS':>9} {'fwd+bwd s':>9} "
+              f"{'opt.step s':>10}  peak RSS after each of {args.train_steps} steps (GiB)")
         for model in args.train.split(","):
             peaks = {}
             for optimizer in args.train_optimizers.split(","):
                 try:
                     results = run_ranks(train_step_worker, args.train_world, model, optimizer,
-                                        timeout=args.timeout, pg_timeout=args.timeout)
+                                        args.train_steps, timeout=args.timeout, pg_timeout=args.timeout)
                 except (AssertionError, TimeoutError) as e:  # e.g. the kernel's OOM killer
                     print(f"{model + ' x' + str(args.train_world):16} {optimizer:9} did not finish: "
                           f"{str(e).splitlines()[0]} (exit -9 is the OOM killer)")
@@ -214,11 +235,12 @@ def main(argv=None) -> int:
                     r["ok"] = True
                     rows.append(r)
                     print(f"{model + ' x' + str(args.train_world):16} {optimizer:9} {r['rank']:>4} "
-                          f"{_gib(r['peak_rss_bytes']):>9} {r['fwd_bwd_s']:9.1f} {r['opt_step_s']:10.1f}")
+                          f"{_gib(r['peak_rss_bytes']):>9} {r['fwd_bwd_s']:9.1f} {r['opt_step_s']:10.1f}  "
+                          + " ".join(_gib(b) for b in r["peak_rss_after_step"]))
             if "htmuon" in peaks and "adamw" in peaks:
                 verdict = "<=" if peaks["htmuon"] <= peaks["adamw"] else ">"
                 print(f"largest rank: HTMuon {_gib(peaks['htmuon'])} GiB {verdict} AdamW "
-                      f"{_gib(peaks['adamw'])} GiB")
+                      f"{_gib(peaks['adamw'])} GiB (HTMuon {(peaks['adamw'] - peaks['htmuon']) / (1 << 30):+.2f} GiB below)")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
     return 1 if failed else 0

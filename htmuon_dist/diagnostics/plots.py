@@ -28,7 +28,7 @@ def _pyplot():
 def plot_alpha_over_steps(metrics_path: Path, out_png: Path, title: str) -> Optional[str]:
     """α against step per matrix type from a metrics.jsonl: the mean over layers (line) and the
     range over layers (band). Returns None on success, else why no plot was made."""
-    from ..training.metrics import read_metrics
+    from ..metrics_jsonl import read_metrics
     from .monitor import matrix_type
 
     plt = _pyplot()

@@ -44,6 +44,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from . import faults
 from .common import ConfigError
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -180,7 +181,7 @@ def save(accelerator, output_dir: str | Path, step: int, model, optimizer, strat
         if strategy == "fsdp1":
             torch.save(optimizer.state_dict(), tmp / f"optimizer_rank{rank}.pt")
     (tmp / f"data_state_rank{rank}.json").write_text(json.dumps(data_state))
-    if os.environ.get("HTMUON_FAULT_INJECT") == f"save:{step}":
+    if faults.dies_mid_save(step):
         os._exit(17)  # tests: die mid-save, after the shards and before the rename
     _barrier()
     if accelerator.is_main_process:

@@ -22,16 +22,27 @@ def _rank() -> str:
     return os.environ.get("RANK", "0")
 
 
+# What torch 2.13's gloo transport says when a peer process died or stopped answering; gloo
+# raises these as plain RuntimeErrors (NCCL and the rendezvous store raise DistError subclasses).
+_GLOO_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                   "Timed out waiting")
+
+
 def _lost_peer(e: BaseException) -> bool:
-    """A collective failed because another rank died, hung past the timeout, or vanished."""
+    """A collective failed because another rank died, hung past the timeout, or vanished.
+
+    Only torch.distributed's backend/network/store errors and gloo's transport errors count; any
+    other RuntimeError (one that merely mentions NCCL, gloo or a ProcessGroup, e.g. a bug in
+    this library) is not a lost peer and propagates with its traceback.
+    """
     import torch.distributed as dist
 
-    if isinstance(e, getattr(dist, "DistError", ())):
+    lost_types = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistStoreError")
+                       if hasattr(dist, name))
+    if isinstance(e, lost_types):
         return True
     text = str(e)
-    return isinstance(e, RuntimeError) and any(
-        k in text for k in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
-                            "NCCL", "gloo", "Broken pipe", "ProcessGroup"))
+    return type(e) is RuntimeError and any(k in text for k in _GLOO_LOST_PEER)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -154,6 +154,12 @@ class TrainArguments:
         metadata={"help": "signals that make every rank finish the current step, checkpoint and exit with status 75 "
                           "(docs/reliability.md); none disables"},
     )
+    preempt_check_steps: int = field(
+        default=10,
+        metadata={"help": "distributed runs: the ranks agree on a pre-emption signal every N steps (one all-reduce; "
+                          "a signal stops the run within N steps) and, with --packing false, exchange the next N "
+                          "steps' target-token counts then; no host synchronisation of the trainer's own in between"},
+    )
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainArguments)

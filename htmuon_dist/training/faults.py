@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests and ``benchmarks/reliability.py``.
 
-``HTMUON_FAULT_INJECT`` holds comma-separated faults; unset, every function here is a no-op:
+``HTMUON_FAULT_INJECT`` holds comma-separated faults (e.g. ``save:3,nan:1-2``), read by
+:func:`_spec` alone, the one parser for every fault; unset, every function here is a no-op:
 
 * ``save:N``       every rank dies (exit 17) mid-save of the step-N checkpoint (checkpoint.py)
 * ``sigterm:N``    every rank sends itself SIGTERM right after step N (``sigterm:N@R``: rank R only)
@@ -18,6 +19,7 @@ import torch
 
 
 def _spec(kind: str) -> Optional[str]:
+    """The value of fault ``kind`` in ``HTMUON_FAULT_INJECT`` (``"3"`` for ``save:3``), or None."""
     for part in os.environ.get("HTMUON_FAULT_INJECT", "").split(","):
         name, _, value = part.strip().partition(":")
         if name == kind:
@@ -27,6 +29,12 @@ def _spec(kind: str) -> Optional[str]:
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def dies_mid_save(step: int) -> bool:
+    """``save:N``: True while saving the step-N checkpoint (checkpoint.save then exits 17)."""
+    value = _spec("save")
+    return value is not None and int(value) == step
 
 
 def maybe_signal(step: int) -> None:

@@ -31,6 +31,7 @@ from .metrics import MetricsWriter, plot_losses
 from .model import build_model, count_parameters, describe, export_pretrained, load_llama_config, materialize
 from .optim import build_optimizer, build_scheduler, matrix_names, matrix_splits
 from .preemption import PREEMPTED_EXIT, PreemptionWatch, process_group_kwargs, write_marker
+from .step_batches import StepBatches
 from .parallel import apply_fsdp1, apply_fsdp2, clip_grad_norm, detect_strategy, set_gradient_sync
 
 
@@ -52,14 +53,15 @@ def _all_reduce(values: list[float], device: torch.device, op=None) -> list[floa
     return t.tolist()
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], packed: bool) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over the batch (fp32) and the number of targets."""
+def token_loss_sum(model, batch: dict[str, torch.Tensor], packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies over the batch (fp32, 0-d) and the number of targets
+    (int64, 0-d), both left on the batch's device: reading them would synchronise."""
     kwargs = {} if packed else {"attention_mask": batch["attention_mask"]}
     logits = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
+    return loss, (targets != -100).sum()
 
 
 @torch.no_grad()
@@ -68,7 +70,8 @@ def evaluate(model, batches: list[dict[str, torch.Tensor]], n_batches: int, pack
     (sharded models need all ranks in each forward); missing batches contribute nothing."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
     dummy = {k: v.clone() for k, v in batches[0].items()}
     dummy["labels"].fill_(-100)
     for i in range(n_batches):
@@ -76,9 +79,9 @@ def evaluate(model, batches: list[dict[str, torch.Tensor]], n_batches: int, pack
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             loss, n = token_loss_sum(model, batch, packed)
-        total += float(loss)
-        count += n
-    total, count = _all_reduce([total, float(count)], device)
+        total += loss.detach().double()
+        count += n.double()
+    total, count = _all_reduce([float(total), float(count)], device)
     model.train(was_training)
     return total / max(count, 1.0), int(count)
 
@@ -330,33 +333,33 @@ def _announce(rt: Runtime, built: Built, progress: Progress, writer: MetricsWrit
     (rt.out / "config.json").write_text(json.dumps(rt.cfg.to_dict(), indent=2))
 
 
-def save_checkpoint(rt: Runtime, built: Built, data: DataPlan, progress: Progress) -> Path:
-    """Collective: the checkpoint of ``progress.step``."""
+def save_checkpoint(rt: Runtime, built: Built, data: DataPlan, progress: Progress,
+                    data_state: Optional[dict[str, Any]] = None) -> Path:
+    """Collective: the checkpoint of ``progress.step``. ``data_state``: where the stream stands
+    after that step (default: the stream's own state; the loop passes its look-ahead's)."""
     state = _trainer_state(rt.cfg, built.model_cfg, rt.strategy, rt.world, progress.step, progress.tokens)
     state["skipped_steps"] = progress.skipped_steps
     return ckpt.save(rt.accelerator, rt.out, progress.step, built.model, built.optimizer, rt.strategy,
-                     data.stream.state_dict(), state, rt.cfg.train.save_total_limit, built.scheduler)
+                     data_state if data_state is not None else data.stream.state_dict(), state,
+                     rt.cfg.train.save_total_limit, built.scheduler)
 
 
 @dataclass
 class StepResult:
-    """One optimizer step as the loop sees it."""
+    """One optimizer step as the loop sees it. Nothing here has been read to the host."""
 
     loss_sum: torch.Tensor  # this rank's summed token losses (fp64, 0-d)
-    global_targets: int  # target tokens of the step over all ranks
+    global_targets: int  # target tokens of the step over all ranks (counted ahead, StepBatches)
     grad_norm: Optional[torch.Tensor]
-    skipped: bool  # HTMuon skipped the update (non-finite gradients, --nonfinite skip)
 
 
-def train_step(rt: Runtime, built: Built, batches, step: int) -> StepResult:
+def train_step(rt: Runtime, built: Built, batches: StepBatches, step: int) -> StepResult:
     """Step number ``step`` (1-based): ``accum`` micro-batches, one optimizer and schedule step.
-    Collective."""
+    Collective (the model's and the optimizer's collectives only: no host read of the trainer's
+    own; the batches and their global count were drawn ahead)."""
     model, optimizer, strategy, accum, world, device = built.model, built.optimizer, rt.strategy, rt.accum, rt.world, rt.device
     packed = rt.cfg.data.packing
-    micro = [next(batches) for _ in range(accum)]
-    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    # Packed batches have the same token count on every rank; padded ones need the sum.
-    global_targets = local_targets * world if packed else int(_all_reduce([local_targets], device)[0])
+    micro, global_targets = batches.next_step()
     # The backends average gradients over ranks, so divide by the mean per-rank count.
     denom = global_targets / world
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -370,13 +373,30 @@ def train_step(rt: Runtime, built: Built, batches, step: int) -> StepResult:
             rt.accelerator.backward(scaled)
         loss_sum += loss.detach().double()
     grad_norm = clip_grad_norm(model, strategy, rt.cfg.train.grad_clip) if strategy != "deepspeed" else None
-    inner = _htmuon_of(optimizer) or optimizer
-    skipped_before = getattr(inner, "skipped_steps", 0)
     optimizer.step()
-    skipped = getattr(inner, "skipped_steps", 0) > skipped_before
     built.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, global_targets, grad_norm, skipped)
+    return StepResult(loss_sum, global_targets, grad_norm)
+
+
+class _SkipCounter:
+    """HTMuon's count of skipped steps (``--nonfinite skip``), read only when the loop logs or
+    saves: the optimizer may keep it on the device, and reading it is a host synchronisation."""
+
+    def __init__(self, optimizer: Any, progress: Progress) -> None:
+        self.inner = _htmuon_of(optimizer) or optimizer
+        self.progress = progress
+        self.seen = self._read()
+
+    def _read(self) -> int:
+        return int(getattr(self.inner, "skipped_steps", 0))
+
+    def update(self) -> int:
+        """Adds the steps skipped since the last call to ``progress.skipped_steps``; returns them."""
+        now = self._read()
+        new, self.seen = now - self.seen, now
+        self.progress.skipped_steps += new
+        return new
 
 
 def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer: MetricsWriter,
@@ -390,9 +410,21 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
     window_tokens, window_start = 0, time.perf_counter()
     run_start = time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=progress.step, disable=not (rt.is_main and t.progress_bar), unit="step", dynamic_ncols=True)
-    batches = iter(data.stream)
-    built.model.train()
     stop = t.stop_at_step or t.max_steps
+    # Host synchronisation of the loop's own happens only on logging, evaluation, checkpoint and
+    # check steps (every --preempt_check_steps and the last): there the ranks agree on a
+    # pre-emption signal and draw the next window of batches. One process reads its own signal
+    # flag after every step (no collective, no tensor read).
+    every = t.preempt_check_steps
+    batches = StepBatches(data.stream, rt.accum, rt.world, packed, lambda v: _all_reduce(v, device))
+
+    def window(after: int) -> int:  # steps from ``after`` to the next check step (or the stop)
+        return min(every - after % every, stop - after)
+
+    if progress.step < stop:
+        batches.refill(window(progress.step))
+    skips = _SkipCounter(built.optimizer, progress)
+    built.model.train()
     while progress.step < stop:
         res = train_step(rt, built, batches, progress.step + 1)
         progress.step += 1
@@ -401,13 +433,15 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
         step = progress.step
         bar.update(1)
         faults.maybe_signal(step)
-        if res.skipped:
-            progress.skipped_steps += 1
-            writer.log({"step": step, "skipped_step": True, "skipped_steps": progress.skipped_steps})
-            if rt.is_main:
-                bar.write(f"step {step}: skipped (non-finite gradients; {progress.skipped_steps} skipped so far)")
 
         if step % t.logging_steps == 0 or step == stop:
+            new_skips = skips.update()
+            if new_skips:  # with --logging_steps 1 exactly the skipped steps
+                writer.log({"step": step, "skipped_step": True, "skipped_since_last_log": new_skips,
+                            "skipped_steps": progress.skipped_steps})
+                if rt.is_main:
+                    bar.write(f"step {step}: {new_skips} step(s) skipped since the last log (non-finite gradients; "
+                              f"{progress.skipped_steps} skipped so far)")
             step_loss = float(_all_reduce([float(res.loss_sum)], device)[0]) / res.global_targets
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / max(elapsed, 1e-9)
@@ -419,7 +453,7 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
             stream_error = htmuon.stream_error() if htmuon is not None else None
             if stream_error is not None:  # htmuon_stream: how far its warm basis is from converged
                 row["stream_error"] = stream_error
-            if not math.isfinite(step_loss) and not res.skipped:
+            if not math.isfinite(step_loss) and not new_skips:
                 raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --lr or raise --warmup_steps")
             writer.log(row)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{row['lr']:.2e}", refresh=False)
@@ -433,14 +467,21 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f} ({n_tok:,} tokens)")
         saved = (t.save_steps and step % t.save_steps == 0) or step == t.stop_at_step
         if saved:
-            save_checkpoint(rt, built, data, progress)
+            skips.update()
+            save_checkpoint(rt, built, data, progress, batches.state_dict())
         if t.malloc_trim_steps and (saved or step % t.malloc_trim_steps == 0):
             malloc_trim()  # RSS otherwise creeps up with freed-but-kept heap (memory.py)
+        check = step % every == 0 or step == stop
+        if not check and rt.world > 1:
+            continue
         # Every rank must stop after the same step: agree on whether any rank saw a signal.
         signal_name = preempt.agreed(device)
+        if check and signal_name is None and step < stop:
+            batches.refill(window(step))
         if signal_name is not None and step < t.max_steps:
             if not saved:
-                save_checkpoint(rt, built, data, progress)
+                skips.update()
+                save_checkpoint(rt, built, data, progress, batches.state_dict())
             progress.preempted_by = signal_name
             if rt.is_main:
                 write_marker(rt.out, step, signal_name)
@@ -452,6 +493,8 @@ def train(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer:
                 bar.write(f"step {step}: {signal_name} received; checkpoint saved, exiting with status {PREEMPTED_EXIT}")
             break
     bar.close()
+    skips.update()
+    data.stream.load_state_dict(batches.state_dict())  # finish()'s final checkpoint: the steps trained
     return time.perf_counter() - run_start
 
 

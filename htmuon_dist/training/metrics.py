@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..metrics_jsonl import read_metrics
+
 
 class MetricsWriter:
     """Writes one JSON object per line to ``output_dir/metrics.jsonl`` (appending, so a resumed
@@ -74,19 +76,6 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl (a torn last line from a crash is ignored)."""
-    rows = []
-    if not Path(path).exists():
-        return rows
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str) -> Optional[str]:

@@ -3,8 +3,11 @@
 Clusters warn before they kill: SLURM sends SIGTERM (``scancel``, pre-emption, the time limit)
 or a chosen signal ahead of time (``#SBATCH --signal=USR1@120``); Kubernetes sends SIGTERM and
 waits ``terminationGracePeriodSeconds``. :class:`PreemptionWatch` turns those signals into a
-flag; the loop checks it after every optimizer step, all ranks agree (one all-reduce of a
-scalar), every rank checkpoints that step, and the process exits with :data:`PREEMPTED_EXIT`.
+flag. A distributed run checks it every ``--preempt_check_steps`` steps (default 10) and after
+the last: all ranks agree (one all-reduce of a scalar, the only host synchronisation the loop
+adds between logging steps), every rank checkpoints that step, and the process exits with
+:data:`PREEMPTED_EXIT`; so a signal stops the run within that many steps. One process reads
+its flag after every step (no collective).
 Rank 0 also writes ``output_dir/PREEMPTED`` (the SLURM script requeues when it exists).
 
 A signal handler only records the signal: the step in flight finishes normally, so no

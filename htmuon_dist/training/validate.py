@@ -109,6 +109,7 @@ def check_ranges(cfg) -> None:
         _need(t.interval >= 1, f"--interval must be >= 1 (an exact step every k-th step), got {t.interval}")
     _need(t.seed >= 0, f"--seed must be >= 0, got {t.seed}")
     _need(t.logging_steps >= 1, f"--logging_steps must be >= 1, got {t.logging_steps}")
+    _need(t.preempt_check_steps >= 1, f"--preempt_check_steps must be >= 1 (1 = after every step), got {t.preempt_check_steps}")
     _need(t.eval_steps >= 0, f"--eval_steps must be >= 0 (0 = only at the end), got {t.eval_steps}")
     _need(t.save_steps >= 0, f"--save_steps must be >= 0 (0 = never), got {t.save_steps}")
     _need(t.save_total_limit >= 0, f"--save_total_limit must be >= 0 (checkpoints kept; 0 keeps all), got {t.save_total_limit}")

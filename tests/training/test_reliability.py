@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ACCELERATE, REPO, TINY, env_for, free_port, launch, metrics
 
@@ -62,6 +63,89 @@ def test_preemption_watch_records_the_signal():
         assert PreemptionWatch.install("none").agreed(torch.device("cpu")) is None
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+class _FakeAccelerator:
+    """What checkpoint.save asks of Accelerate in a single process without a model."""
+
+    is_main_process = True
+    process_index = 0
+
+    def save_state(self, directory: str) -> None:
+        Path(directory, "random_states_0.pkl").write_bytes(b"x")
+
+
+def test_save_fault_fires_inside_a_comma_list(tmp_path, monkeypatch):
+    """``save:3,nan:1-2`` holds two faults; the save fault must fire at step 3 (it used to be
+    matched against the whole variable, so any second fault switched it off)."""
+    from htmuon_dist.training import checkpoint, faults
+
+    def exit_(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(checkpoint.os, "_exit", exit_)
+    monkeypatch.setenv("HTMUON_FAULT_INJECT", "save:3,nan:1-2")
+    final = checkpoint.save(_FakeAccelerator(), tmp_path, 2, None, None, "none", {}, {"step": 2}, keep=2)
+    assert final.name == "step_00000002" and (final / checkpoint.MANIFEST).is_file()
+    with pytest.raises(SystemExit) as died:
+        checkpoint.save(_FakeAccelerator(), tmp_path, 3, None, None, "none", {}, {"step": 3}, keep=2)
+    assert died.value.code == 17
+    assert (tmp_path / "checkpoints" / ".tmp_step_00000003").is_dir()
+    assert not (tmp_path / "checkpoints" / "step_00000003").exists()
+    # The same variable's other fault is read by the same parser.
+    nan = faults.poison_loss(torch.ones(()), 2)
+    assert torch.isnan(nan) and not torch.isnan(faults.poison_loss(torch.ones(()), 3))
+
+
+_GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
+                "peer [127.0.0.1]:50087. This is typically caused by a remote worker crashing.")
+_GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                 "waiting 3000ms for recv operation to complete")
+
+
+def test_lost_peer_is_only_a_lost_peer():
+    """The CLI's os._exit(1) path is for a dead or hung rank only (the messages above are what
+    torch 2.13's gloo raised when a peer exited or slept past the timeout); a RuntimeError of
+    our own that merely names NCCL, gloo or a ProcessGroup must propagate with its traceback."""
+    import torch.distributed as dist
+
+    from htmuon_dist.training.cli import _lost_peer
+
+    assert _lost_peer(RuntimeError(_GLOO_CLOSED)) and _lost_peer(RuntimeError(_GLOO_TIMEOUT))
+    assert _lost_peer(dist.DistBackendError("NCCL error: remote process exited"))
+    assert _lost_peer(dist.DistNetworkError("Connection reset by peer"))
+    assert _lost_peer(dist.DistStoreError("wait timeout after 30000ms"))
+    for ours in (RuntimeError("ProcessGroup gloo: our engine sent 3 splits for 4 ranks"),
+                 RuntimeError("NCCL communicator expected a CUDA tensor, got a CPU one (our bug)"),
+                 RuntimeError("gloo all_to_all: input split sizes do not sum to the tensor size"),
+                 RuntimeError("the step timed out because our own loop is wrong"),
+                 ValueError("Connection closed by peer"), KeyError("gloo")):
+        assert not _lost_peer(ours), ours
+
+
+def _lost_peer_worker(rank: int, world: int) -> bool:
+    import torch.distributed as dist
+
+    from htmuon_dist.training.cli import _lost_peer
+
+    t = torch.ones(4)
+    dist.all_reduce(t)
+    if rank == 1:
+        os._exit(3)  # a rank that dies between two collectives
+    try:
+        dist.all_reduce(t)
+    except Exception as e:  # noqa: BLE001 - what gloo raises is the point
+        return _lost_peer(e)
+    return False
+
+
+@pytest.mark.multirank
+def test_lost_peer_recognises_what_gloo_raises():
+    """The classification holds for the error this torch really raises when a peer dies."""
+    from multirank import run_ranks
+
+    results = run_ranks(_lost_peer_worker, 2, timeout=120, pg_timeout=10, expect_errors=True)
+    assert results[0] == ("ok", True), results
 
 
 # --- single process: damaged checkpoint, non-finite storms -------------------------------------
@@ -127,22 +211,41 @@ def test_nonfinite_storm_stops_after_patience(cache_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.multirank
-def test_sigterm_on_one_rank_checkpoints_that_step_and_resume_is_exact(cache_dir, tmp_path_factory, monkeypatch):
-    """Only rank 1 gets SIGTERM after step 3: the ranks agree, both checkpoint step 3 and exit 75;
-    the rerun resumes at 3 and reproduces the uninterrupted losses bit for bit."""
+def test_sigterm_on_one_rank_stops_within_the_check_interval_and_resume_is_exact(cache_dir, tmp_path_factory, monkeypatch):
+    """Only rank 1 gets SIGTERM after step 3; the ranks agree on it at the next check step
+    (``--preempt_check_steps 2``: step 4), both checkpoint step 4 and exit 75; the rerun
+    resumes at 4 and reproduces the uninterrupted losses bit for bit."""
     full, part = tmp_path_factory.mktemp("fsdp2_full6"), tmp_path_factory.mktemp("fsdp2_sigterm")
-    base = [*TINY, "--max_steps", str(STEPS), "--save_steps", "4", "--export_model", "false"]
+    base = [*TINY, "--max_steps", str(STEPS), "--save_steps", "4", "--export_model", "false",
+            "--preempt_check_steps", "2"]
     launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(full)])
     monkeypatch.setenv("HTMUON_FAULT_INJECT", "sigterm:3@1")
     proc = launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(part)], check=False)
     monkeypatch.delenv("HTMUON_FAULT_INJECT")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and out.count("exitcode  : 75") == 2, out[-3000:]
-    assert json.loads((part / "PREEMPTED").read_text())["step"] == 3
-    assert (part / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+    assert json.loads((part / "PREEMPTED").read_text())["step"] == 4
+    assert (part / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    assert not (part / "checkpoints" / "step_00000005").exists()
     assert json.loads((part / "summary.json").read_text())["preempted_by"] == "SIGTERM"
     proc = launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(part)])
-    assert "resumed at step 3" in proc.stdout and not (part / "PREEMPTED").exists()
+    assert "resumed at step 4" in proc.stdout and not (part / "PREEMPTED").exists()
+    _losses_equal(full, part, STEPS)
+
+
+@pytest.mark.multirank
+def test_checkpoint_inside_a_batch_window_resumes_exactly(cache_dir, tmp_path_factory):
+    """--packing false draws the batches of a window of steps ahead (StepBatches, windows end
+    at every 4th step here): the step-2 checkpoint, taken while step 3's batches are already
+    drawn, must hold the stream where step 2 left it."""
+    full, part = tmp_path_factory.mktemp("padded_full"), tmp_path_factory.mktemp("padded_part")
+    base = [*TINY, "--max_steps", str(STEPS), "--save_steps", "2", "--export_model", "false",
+            "--packing", "false", "--preempt_check_steps", "4"]
+    launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(full)])
+    launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(part), "--stop_at_step", "3"])
+    step2 = part / "checkpoints" / "step_00000002"
+    proc = launch(cache_dir, "cpu_fsdp2.yaml", [*base, "--output_dir", str(part), "--resume", str(step2)])
+    assert "resumed at step 2" in proc.stdout
     _losses_equal(full, part, STEPS)
 
 

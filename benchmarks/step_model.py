@@ -253,6 +253,23 @@ def step_times(p: Profile, model: str, world: int, args: argparse.Namespace) -> 
     return out
 
 
+def markdown_table(rows: list[dict], method: str) -> list[str]:
+    """HTMuon with ``method`` (and eigh) against Muon (NS5, Polar Express) per model and W: step
+    ms, % of forward+backward, and the ratio to Muon's NS5 step."""
+    key = f"htmuon {method}"
+    if rows and key not in rows[0]["methods"]:
+        raise SystemExit(f"step_model.py: error: --markdown {method}: not a modelled HTMuon method "
+                         f"({sorted(k for k in rows[0]['methods'] if k.startswith('htmuon '))})")
+    cols = ["muon ns5", "muon polar_express", key, "htmuon eigh"]
+    out = ["| model | W | fwd+bwd (ms) | " + " | ".join(cols) + f" | {key} / muon ns5 |",
+           "|---|---|---|" + "---|" * (len(cols) + 1)]
+    for r in rows:
+        cells = [f"{r['methods'][c]['step_s'] * 1e3:.1f} ms ({r['methods'][c]['fraction'] * 100:.1f}%)" for c in cols]
+        out.append(f"| {r['model'].upper()} | {r['W']} | {r['fwd_bwd_s'] * 1e3:.0f} | " + " | ".join(cells)
+                   + f" | {r['methods'][key]['x_muon_step']:.2f}× |")
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=["h100-probe", "cpu"], default="h100-probe",
@@ -275,6 +292,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM TB/s (elementwise optimizer work)")
     ap.add_argument("--interval", type=int, default=5, help="htmuon_interval's k")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--markdown", default=None, metavar="METHOD",
+                    help="also print a Markdown table of HTMuon with METHOD (and eigh) against Muon's step")
     args = ap.parse_args(argv)
     if args.profile == "cpu":
         args.peak_tflops = args.peak_tflops if "--peak-tflops" in (argv or sys.argv) else None
@@ -327,6 +346,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         for n in names:
             ratios = [r["methods"][n]["x_muon_step"] for r in here]
             print(f"    {n:<28} " + " ".join(f"{q:6.2f}x" for q in ratios) + f"   worst {max(ratios):.2f}x")
+    if args.markdown:
+        print()
+        print("\n".join(markdown_table(rows, args.markdown)))
     if args.json:
         args.json.write_text(json.dumps({"profile": prof.name, "notes": prof.notes, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

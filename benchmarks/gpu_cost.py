@@ -197,6 +197,12 @@ class CostCounter(TorchDispatchMode):
 
 # --- running a method ----------------------------------------------------------------------------
 
+# dtype of the matrix a method is handed: bf16 (momentum that travelled in bf16, the engine's
+# comm_dtype=torch.bfloat16; the rank cutoff follows bf16's noise) or float32 (a float32 wire).
+# Methods whose step count follows the cutoff (tracked_ns, fast_ns) cost less on bf16 input.
+INPUT_DTYPE = torch.bfloat16
+
+
 def method_call(name: str, power: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """The call that computes method ``name`` the way a GPU would run it. ``ns5``'s registered form
     picks bf16 only for CUDA tensors, so it is called with ``dtype=torch.bfloat16`` here (what
@@ -213,10 +219,10 @@ def method_call(name: str, power: float) -> Callable[[torch.Tensor], torch.Tenso
     return call
 
 
-def _needs_cpu(fn: Callable[[torch.Tensor], torch.Tensor]) -> Optional[str]:
+def _needs_cpu(fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> Optional[str]:
     """None when ``fn`` runs on a small meta tensor, else why not."""
     try:
-        fn(torch.empty(48, 32, device="meta"))
+        fn(torch.empty(48, 32, device="meta", dtype=dtype))
         return None
     except (RuntimeError, NotImplementedError) as e:  # .item() on meta, or no meta kernel
         return str(e).splitlines()[0][:80]
@@ -237,10 +243,12 @@ def cpu_input(m: int, n: int, seed: int = 0, kappa: float = 0.5) -> torch.Tensor
 
 
 def count(name: str, m: int, n: int, power: float = 0.125, cpu_n: int = 128,
-          cpu_kappa: float = 0.5) -> Counts:
+          cpu_kappa: float = 0.5, input_dtype: Optional[torch.dtype] = None) -> Counts:
     """Counts method ``name`` on one (m, n) matrix (meta at full size where it runs there, else
     the CPU at smaller side ``cpu_n`` with dimensions mapped back; ``cpu_kappa``: the CPU input's
-    sigma_min / sigma_max). ``power`` is forced to 0 for methods that only orthogonalise."""
+    sigma_min / sigma_max; ``input_dtype``: the matrix's dtype, default :data:`INPUT_DTYPE`).
+    ``power`` is forced to 0 for methods that only orthogonalise."""
+    dtype = INPUT_DTYPE if input_dtype is None else input_dtype
     from htmuon_dist.spectral import get_method
 
     if name.endswith(ILL):  # the data-dependent slow path: an ill-conditioned CPU input
@@ -248,9 +256,9 @@ def count(name: str, m: int, n: int, power: float = 0.125, cpu_n: int = 128,
     if get_method(name).powers == "zero":
         power = 0.0
     fn = method_call(name, power)
-    why = _needs_cpu(fn)
+    why = _needs_cpu(fn, dtype)
     if why is None:
-        x = torch.empty(m, n, device="meta")
+        x = torch.empty(m, n, device="meta", dtype=dtype)
         fn(x)  # warm-up: host-side schedules (lru-cached, float64 on the CPU) stay out of the count
         with CostCounter(device="meta") as counter:
             fn(x)
@@ -262,7 +270,7 @@ def count(name: str, m: int, n: int, power: float = 0.125, cpu_n: int = 128,
     dim_map = {ms: m, ns: n}
     if len(dim_map) < (2 if ms != ns else 1) or (ms == ns and m != n):
         raise ValueError(f"gpu_cost: reduced shape ({ms}, {ns}) of ({m}, {n}) is ambiguous; change --cpu-n")
-    x = cpu_input(ms, ns, kappa=cpu_kappa)
+    x = cpu_input(ms, ns, kappa=cpu_kappa).to(dtype)
     fn(x)
     with CostCounter(device="cpu", dim_map=dim_map) as counter:
         fn(x)
@@ -337,21 +345,24 @@ def price_counts(counts: Counts, m: int, n: int, method: str = "") -> Priced:
     return Priced(method, (m, n), prod, dec, counts)
 
 
-@lru_cache(maxsize=256)
-def _priced(method: str, m: int, n: int, power: float, rule: str) -> Priced:
-    return price_counts(count(method, m, n, power), m, n, method)
+@lru_cache(maxsize=512)
+def _priced(method: str, m: int, n: int, power: float, rule: str, dtype: torch.dtype) -> Priced:
+    return price_counts(count(method, m, n, power, input_dtype=dtype), m, n, method)
 
 
-def priced(method: str, m: int, n: int, power: float = 0.125) -> Priced:
+def priced(method: str, m: int, n: int, power: float = 0.125, input_dtype: Optional[torch.dtype] = None) -> Priced:
     """Counted and priced ``method`` at (m, n) (cached; the CPU-counted methods take seconds).
-    ``method`` may end in ``:ill`` (counted on an ill-conditioned input)."""
-    return _priced(method, m, n, float(power), UNMEASURED_RATE)
+    ``method`` may end in ``:ill`` (counted on an ill-conditioned input); ``input_dtype``: the
+    matrix's dtype (default :data:`INPUT_DTYPE`, bf16)."""
+    dtype = INPUT_DTYPE if input_dtype is None else input_dtype
+    return _priced(method, m, n, float(power), UNMEASURED_RATE, dtype)
 
 
-def price(method: str, m: int, n: int, power: float = 0.125) -> float:
-    """Priced H100 seconds of ``method`` on one (m, n) matrix (``"ns5"``: bf16 NS5). Priced from
-    counted products and decompositions, see the module docstring; not a measurement."""
-    return priced(method, m, n, power).seconds
+def price(method: str, m: int, n: int, power: float = 0.125, input_dtype: Optional[torch.dtype] = None) -> float:
+    """Priced H100 seconds of ``method`` on one (m, n) matrix of ``input_dtype`` (default bf16
+    momentum; ``"ns5"``: bf16 NS5). Priced from counted products and decompositions, see the
+    module docstring; not a measurement."""
+    return priced(method, m, n, power, input_dtype).seconds
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -369,7 +380,8 @@ def table(methods: list[str], shapes: list[tuple[int, int]], power: float, break
 
     lines = [f"Priced on H100 rates (NOT measured): each method's products counted by operand dtype and its "
              f"decompositions, priced as in benchmarks/gpu_cost.py's docstring; power {power:g} "
-             f"(0 for Muon-only methods). Cells: priced ms per matrix and x bf16 NS5 priced at the same shape.",
+             f"(0 for Muon-only methods); input {str(INPUT_DTYPE).replace('torch.', '')} (its noise cutoff). "
+             f"Cells: priced ms per matrix and x bf16 NS5 priced at the same shape.",
              f"rates: bf16/fp16 = bf16 NS5's measured rate at the shape "
              + ", ".join(f"{m}x{n} {ns5_rate_at(m, n) / 1e12:.0f}" for m, n in shapes)
              + f" TFLOP/s; fp32 {FP32_RATE / 1e12:.0f}, fp64 {FP64_RATE / 1e12:.0f} TFLOP/s; eigh/svd from measured times", ""]
@@ -419,10 +431,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--unmeasured-rate", choices=["aspect", "side"], default="aspect",
                     help="bf16 rate of a shape the probe did not measure (2048x2048): that of the measured shape "
                          "with the nearest aspect ratio (default) or the slower one with the same smaller side")
+    ap.add_argument("--input-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="dtype of the matrix each method is handed: bfloat16 (momentum over a bf16 wire, default) "
+                         "or float32; the default rank cutoff follows it")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = ap.parse_args(argv)
-    global UNMEASURED_RATE
+    global UNMEASURED_RATE, INPUT_DTYPE
     UNMEASURED_RATE = args.unmeasured_rate
+    INPUT_DTYPE = getattr(torch, args.input_dtype)
     names = args.methods.split(",") if args.methods else list(available_methods())
     if args.methods is None and "gram32" in names:
         names.insert(names.index("gram32") + 1, "gram32" + ILL)

@@ -93,13 +93,20 @@ def h100_probe() -> Profile:
     return p
 
 
+# dtype of the owner's matrices when pricing: the wire's (--comm-bytes 2: bf16 momentum, whose
+# noise cutoff lets tracked_ns/fast_ns lift from a higher floor; 4: float32). Set by main().
+PRICED_INPUT = "float32"
+
+
 def _gpu_cost_price(method: str, m: int, n: int) -> float:
     """gpu_cost's priced seconds, the slower orientation (as the probe's NS5 times here: a shape
-    key (m, n) with m >= n stands for both)."""
+    key (m, n) with m >= n stands for both), for an input of dtype PRICED_INPUT."""
     import gpu_cost
+    import torch
 
     power = 0.0 if method in MUON_METHODS else 0.125
-    return max(gpu_cost.price(method, m, n, power), gpu_cost.price(method, n, m, power))
+    dtype = getattr(torch, PRICED_INPUT)
+    return max(gpu_cost.price(method, m, n, power, dtype), gpu_cost.price(method, n, m, power, dtype))
 
 
 def cpu_profile(sizes: list[int], repeat: int, threads: int = 1) -> Profile:
@@ -295,6 +302,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--markdown", default=None, metavar="METHOD",
                     help="also print a Markdown table of HTMuon with METHOD (and eigh) against Muon's step")
     args = ap.parse_args(argv)
+    global PRICED_INPUT
+    PRICED_INPUT = "bfloat16" if args.comm_bytes == 2 else "float32"
     if args.profile == "cpu":
         args.peak_tflops = args.peak_tflops if "--peak-tflops" in (argv or sys.argv) else None
         prof = cpu_profile([int(s) for s in args.cpu_sizes.split(",")], args.repeat, args.threads)
@@ -308,6 +317,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"profile: {prof.name}")
     for note in prof.notes:
         print(f"  - {note}")
+    if prof.pricer is not None:
+        print(f"  - priced methods see {PRICED_INPUT} matrices (the wire dtype of --comm-bytes {args.comm_bytes}) "
+              f"and its default noise cutoff")
     scaling = (f"global batch {args.global_tokens:.0f} tokens (/W per rank)" if args.global_tokens
                else f"{args.tokens_per_rank:.0f} tokens per rank (weak scaling)")
     print(f"assumptions: forward+backward = (6N + 12 L d s) x tokens / ({args.peak_tflops:g} TFLOP/s x MFU "

@@ -96,3 +96,15 @@ def test_decomposition_prices():
     n = 2048
     qr = gpu_cost.decomposition_seconds("qr", torch.float32, (n, n))
     assert qr == pytest.approx((2 * n**3 - 2 * n**3 / 3) / (9 * n**3 / 26.13e-3))
+
+
+def test_input_dtype_sets_the_cutoff_and_so_the_step_count():
+    # tracked_ns lifts from its input's noise floor: bf16 momentum needs fewer steps than float32
+    bf16 = gpu_cost.count("tracked_ns", 1024, 512, input_dtype=torch.bfloat16)
+    fp32 = gpu_cost.count("tracked_ns", 1024, 512, input_dtype=torch.float32)
+    assert 0 < bf16.flops(torch.float32) < fp32.flops(torch.float32)
+    # the figure for tracked_ns (float32 input): 46x bf16 NS5 at 4096 x 4096
+    ratio = gpu_cost.price("tracked_ns", 4096, 4096, input_dtype=torch.float32) / gpu_cost.price("ns5", 4096, 4096)
+    assert ratio == pytest.approx(46.3, abs=0.1)
+    # NS5 casts to bf16 itself: its count does not depend on the input dtype
+    assert gpu_cost.count("ns5", 300, 128, input_dtype=torch.float32).macs == gpu_cost.count("ns5", 300, 128).macs

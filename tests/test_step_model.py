@@ -65,10 +65,14 @@ def test_table_from_a_gpu_report(tmp_path):
 def test_probe_profile_prices_unmeasured_methods_with_gpu_cost():
     import gpu_cost
 
+    import torch
+
     probe = step_model.h100_probe()
+    assert step_model.PRICED_INPUT == "float32"  # the default --comm-bytes 4: a float32 wire
     for method in ("tracked_ns", "polar_express", "gram_rr"):
         power = 0.0 if method == "polar_express" else 0.125
-        want = max(gpu_cost.price(method, 4096, 11008, power), gpu_cost.price(method, 11008, 4096, power))
+        want = max(gpu_cost.price(method, 4096, 11008, power, torch.float32),
+                   gpu_cost.price(method, 11008, 4096, power, torch.float32))
         assert step_model.matrix_time(probe, method, 11008, 4096) == want
     # measured NS5 stays measured; Polar Express has NS5's products, so the same priced time
     assert step_model.matrix_time(probe, "ns5", 4096, 11008) == pytest.approx(6.919e-3)

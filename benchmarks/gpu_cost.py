@@ -420,6 +420,19 @@ def table(methods: list[str], shapes: list[tuple[int, int]], power: float, break
     return lines
 
 
+def markdown(methods: list[str], shapes: list[tuple[int, int]], power: float) -> list[str]:
+    """The table as Markdown: priced x bf16 NS5 per method and shape, and the worst."""
+    from htmuon_dist.spectral import auto_choice
+
+    out = ["| method (priced, not measured) | " + " | ".join(f"{m}×{n}" for m, n in shapes) + " | worst |",
+           "|---|" + "---|" * (len(shapes) + 1)]
+    for name in methods:
+        label = name if name != "auto" else "auto → " + "/".join(sorted({auto_choice("cuda", m, n) for m, n in shapes}))
+        ratios = [price(name, m, n, power) / price("ns5", m, n, power) for m, n in shapes]
+        out.append(f"| `{label}` | " + " | ".join(f"{q:.2f}×" for q in ratios) + f" | {max(ratios):.2f}× |")
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from htmuon_dist.spectral import available_methods
 
@@ -434,6 +447,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--input-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                     help="dtype of the matrix each method is handed: bfloat16 (momentum over a bf16 wire, default) "
                          "or float32; the default rank cutoff follows it")
+    ap.add_argument("--markdown", action="store_true", help="also print the ratios as a Markdown table")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = ap.parse_args(argv)
     global UNMEASURED_RATE, INPUT_DTYPE
@@ -443,6 +457,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.methods is None and "gram32" in names:
         names.insert(names.index("gram32") + 1, "gram32" + ILL)
     lines = table(names, args.shapes, args.power, args.breakdown)
+    if args.markdown:
+        lines += [""] + markdown([n for n in names if n != "ns5"] + ["ns5"], args.shapes, args.power)
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:

@@ -53,6 +53,14 @@ DEFAULT_DTYPE = torch.float16
 # For an explicit (non-noise) rtol the lift floor is never below this: fast_ns is for 16-bit
 # data, whose noise sits far above 1e-4 of sigma_max (tracked_ns covers smaller cutoffs).
 MIN_ELL = 1e-4
+# Noise rule: lift every direction above NOISE_LIFT tau, zero every one below NOISE_LIFT tau /
+# NOISE_CUT (rounding noise measured <= 0.37 tau, .cutoff). tracked_ns uses 4 and 8; a narrower
+# soft band keeps real directions just above tau (measured: docs/spectral.md, "fast_ns").
+NOISE_LIFT = 4.0
+NOISE_CUT = 8.0
+# Accuracy the final multiplier f is fitted to: 1e-2 (degree ~7) instead of tracked_ns's 1e-3
+# (degree 9-11) saves 2-4 (n, n) products; measured err/gap stays <= 0.2 (the target is 0.25).
+F_TARGET = 1e-2
 
 
 @dataclass(frozen=True)
@@ -87,13 +95,70 @@ def tracked_plan(power: float, ell: float, cut: float = _tn.NOISE_CUT) -> Plan:
     return Plan(float(power), float(ell), float(cut), (_tn.STEP,) * sch.steps, g, sch.f, _tn.F_HI, sch.bound)
 
 
-def plan_for(power: float, rtol: float, n: int) -> Plan:
-    """The plan fast_ns runs for ``power`` and cutoff ``rtol`` (a Cutoff or float) at width n."""
+def _two_digits_down(v: float) -> float:
+    digits = 10 ** math.floor(math.log10(v) - 1)
+    return float(f"{math.floor(v / digits) * digits:.2g}")
+
+
+def _attractor(q: tuple[float, float, float]) -> tuple[float, float]:
+    """The band that ``s h(s^2)`` keeps every lifted value in (iterated to its limit)."""
+    t = torch.linspace(0.02, 1.0, 4000, dtype=torch.float64)
+    for _ in range(200):
+        t = t * _h(q, t * t)
+    return t.min().item(), t.max().item()
+
+
+@lru_cache(maxsize=128)
+def fixed_plan(
+    power: float, ell: float, cut: float, step: tuple[float, float, float] = _tn.STEP, target: float = 1e-3
+) -> Plan:
+    """One step polynomial repeated (as tracked_ns), its g fitted per step and f to ``target``.
+
+    A faster ``step`` needs fewer steps, a looser ``target`` a lower-degree f; both trade
+    accuracy for cost (benchmarks/fast_ns_frontier.py)."""
+    lo_band, hi_band = _attractor(step)
+    lo_band, hi_band = lo_band * 0.995, hi_band * 1.005
+    grid = torch.logspace(math.log10(ell), 0.0, 4000, dtype=torch.float64)
+    traj, steps, ups = grid, 0, [1.0]
+    while traj.min().item() < lo_band or traj.max().item() > hi_band:
+        traj = traj * _h(step, traj * traj)
+        steps += 1
+        if steps > 40:
+            raise RuntimeError(f"fast_ns: step {step} does not lift [{ell}, 1] into its band")
+    top = torch.linspace(0.0, 1.0, 2000, dtype=torch.float64)
+    for _ in range(steps - 1):
+        top = top * _h(step, top * top)
+        ups.append(max(ups[-1], top.max().item()))
+    g = tuple(_fit_g(step, power, u) for u in ups)
+    f_hi = hi_band * hi_band
+    band = torch.linspace(lo_band**2, hi_band**2, 300, dtype=torch.float64)
+    s_cut = torch.tensor([ell / cut], dtype=torch.float64)
+    for _ in range(steps):
+        s_cut = s_cut * _h(step, s_cut * s_cut)
+    low = torch.linspace(0.0, s_cut.item() ** 2, 120, dtype=torch.float64)
+    ys = torch.cat([band, low])
+    want = torch.cat([band ** ((power - 1.0) / 2.0), torch.zeros_like(low)])
+    weight = torch.cat([band ** ((1.0 - power) / 2.0), low.sqrt() / ell**power + 1e-3])
+    for degree in range(2, 12):
+        coef, err = _lawson(_cheb_basis(ys, degree, f_hi) * weight[:, None], want * weight, 60)
+        if err <= target / 2:
+            break
+    f = tuple(coef.tolist())
+    fs = _evaluate((step,) * steps, g, f, f_hi, power, grid)
+    bound = (fs / grid**power - 1.0).abs().max().item()
+    return Plan(float(power), float(ell), float(cut), (step,) * steps, g, f, f_hi, bound)
+
+
+def plan_for(power: float, rtol: float, n: int, lift: float = NOISE_LIFT, cut: float = NOISE_CUT) -> Plan:
+    """The plan fast_ns runs for ``power`` and cutoff ``rtol`` (a Cutoff or float) at width n:
+    under the noise rule it lifts from ``lift * fro`` (normalised by ||M||_F) and zeroes below
+    ``1 / cut`` of that."""
     fro = getattr(rtol, "fro", 0.0)
     if fro > 0.0:
-        return tracked_plan(float(power), _tn.noise_ell(fro), _tn.NOISE_CUT)
+        ell = _two_digits_down(min(max(MIN_ELL, lift * fro), 0.1))
+        return fixed_plan(float(power), ell, float(cut), _tn.STEP, F_TARGET)
     ell = max(MIN_ELL, _tn.effective_ell(float(rtol), n))
-    return tracked_plan(float(power), ell, _tn.cut_factor(ell))
+    return fixed_plan(float(power), ell, _tn.cut_factor(ell), _tn.STEP, F_TARGET)
 
 
 def _matrix_poly(coeffs: tuple[float, ...], powers: list[torch.Tensor], eye: torch.Tensor) -> torch.Tensor:
@@ -103,11 +168,13 @@ def _matrix_poly(coeffs: tuple[float, ...], powers: list[torch.Tensor], eye: tor
     return out
 
 
-def run_plan(x: torch.Tensor, plan: Plan, rtol_fro: float = 0.0, dtype: torch.dtype = DEFAULT_DTYPE) -> torch.Tensor:
+def run_plan(
+    x: torch.Tensor, plan: Plan, rtol_fro: float = 0.0, dtype: torch.dtype = DEFAULT_DTYPE, lift: float = NOISE_LIFT
+) -> torch.Tensor:
     """Applies ``plan`` to x (b, m, n), m >= n -> (b, m, n) float32; see the module docstring.
 
     ``rtol_fro > 0``: the noise rule's Frobenius part (the normaliser is raised so that
-    ``NOISE_LIFT * rtol_fro * ||M||_F`` sits at ``plan.ell``). ``dtype``: operand dtype of every
+    ``lift * rtol_fro * ||M||_F`` sits at ``plan.ell``). ``dtype``: operand dtype of every
     product after the first step's (bf16, fp16 or float32).
     """
     if dtype not in precision.SUPPORTED:
@@ -128,8 +195,8 @@ def run_plan(x: torch.Tensor, plan: Plan, rtol_fro: float = 0.0, dtype: torch.dt
     gram2 = precision.mm(gram, gram, dtype)
     c2 = torch.linalg.matrix_norm(gram2).sqrt()[..., None, None]  # sigma_max^2 / ||G||_F <= c2
     if rtol_fro > 0.0:
-        lift = _tn.NOISE_LIFT * rtol_fro / plan.ell
-        c2 = torch.maximum(c2, (lift * lift) * x0.square().sum(dim=(-2, -1), keepdim=True) / fro2)
+        rel = lift * rtol_fro / plan.ell
+        c2 = torch.maximum(c2, (rel * rel) * x0.square().sum(dim=(-2, -1), keepdim=True) / fro2)
     c2 = torch.where(c2 > 0, c2, torch.ones_like(c2))
     inv_norm = torch.rsqrt(c2 * fro2)  # 1 / N in x0's units; folded into step 0's right factor
     powers = [gram / c2, gram2 / (c2 * c2)]

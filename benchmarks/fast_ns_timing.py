@@ -134,7 +134,7 @@ def render(rows: list[dict]) -> list[str]:
     for r in rows:
         eg = f"{r['err_over_gap']:8.3f}" if "err_over_gap" in r else f"{'':>8}"
         pe = f"{r['polar_err']:9.3f}" if "polar_err" in r else f"{'':>9}"
-        pr = f"{r['priced_s'] * 1e3:10.2f}" if "priced_s" in r else f"{'n/a':>10}"
+        pr = f"{r['priced_s'] * 1e3:10.3g}" if "priced_s" in r else f"{'n/a':>10}"
         lines.append(f"{r['shape'][0]:>5}x{r['shape'][1]:<5} {r['method']:<14} {r['time_s'] * 1e3:10.2f} "
                      f"{r.get('ratio_to_ns5', float('nan')):7.2f} {pr} {eg} {pe}")
     return lines

@@ -125,3 +125,18 @@ def test_optimizer_step_is_muon_with_polar_express():
     assert torch.allclose(w.detach(), want, atol=1e-5)
     with pytest.raises(ValueError, match="polar_express"):
         HTMuon([w], power=0.125, method="polar_express")
+
+
+@pytest.mark.parametrize("shape", [(512, 256), (256, 512), (1000, 100)])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_measured_memory_within_the_registered_workspace(shape, dtype):
+    # the CPU allocator's peak during the call, less the float32 output, against the workspace
+    # the engine sizes its batches with (measured 0.67-0.75 of it)
+    from memtrack import allocator_peak
+
+    from htmuon_dist.spectral import method_workspace
+
+    m, n = shape
+    x = torch.randn(m, n)
+    peak = allocator_peak(lambda: polar_express(x, dtype=dtype))
+    assert 0 < peak - 4 * m * n <= method_workspace("polar_express", m, n)

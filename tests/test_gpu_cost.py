@@ -108,3 +108,16 @@ def test_input_dtype_sets_the_cutoff_and_so_the_step_count():
     assert ratio == pytest.approx(46.3, abs=0.1)
     # NS5 casts to bf16 itself: its count does not depend on the input dtype
     assert gpu_cost.count("ns5", 300, 128, input_dtype=torch.float32).macs == gpu_cost.count("ns5", 300, 128).macs
+
+
+def test_fast_ns_runs_on_16_bit_products_without_decompositions():
+    # issue 19's contract for the new method, as the counter sees it at a 1B shape on meta
+    from htmuon_dist.spectral import available_methods
+
+    if "fast_ns" not in available_methods():
+        pytest.skip("fast_ns is not registered")
+    counts = gpu_cost.count("fast_ns", 5461, 2048)
+    assert counts.where == "meta (full size)" and not counts.decompositions
+    low = counts.flops(torch.float16) + counts.flops(torch.bfloat16)
+    assert low > 0 and low >= 0.9 * counts.flops()  # fp32 only for small (n, n) products, if any
+    assert counts.flops(torch.float64) == 0

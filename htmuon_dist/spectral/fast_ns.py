@@ -59,9 +59,10 @@ MIN_ELL = 1e-4
 # soft band keeps real directions just above tau (measured: docs/spectral.md, "fast_ns").
 NOISE_LIFT = 4.0
 NOISE_CUT = 8.0
-# Accuracy the final multiplier f is fitted to: 1e-2 (degree ~7) instead of tracked_ns's 1e-3
-# (degree 9-11) saves 2-4 (n, n) products; measured err/gap stays <= 0.2 (the target is 0.25).
-F_TARGET = 1e-2
+# Accuracy the final multiplier f is fitted to. 1e-2 (degree ~7) would save 2-4 (n, n) products
+# (~4 % of the priced cost) but measured err/gap 0.245 at (1365, 512), p = 1/16, heavy-tailed:
+# at the 0.25 target; 1e-3 (degree 9-11) measured 0.085 there (benchmarks/fast_ns_frontier.py).
+F_TARGET = 1e-3
 
 
 @dataclass(frozen=True)
@@ -182,13 +183,12 @@ def run_plan(
         raise ValueError(f"fast_ns: dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
     # step 0 multiplies the input itself: in its own 16-bit dtype it is exact
     first = x.dtype if x.dtype in precision.LOW_PRECISION else dtype
-    xf = x.to(torch.float32)
-    n = xf.size(-1)
-    eye = torch.eye(n, dtype=torch.float32, device=xf.device)
-    amax = xf.abs().amax(dim=(-2, -1), keepdim=True)
+    n = x.size(-1)
+    eye = torch.eye(n, dtype=torch.float32, device=x.device)
+    amax = x.abs().amax(dim=(-2, -1), keepdim=True).to(torch.float32)
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     two = torch.exp2(torch.ceil(torch.log2(amax)))  # a power of two: x0 is x, exactly, rescaled
-    x0 = xf / two
+    x0 = x.to(torch.float32) / two  # the only float32 copy of the input
     gram = precision.mm(x0.mT, x0, first)
     fro2 = torch.linalg.matrix_norm(gram)[..., None, None]  # ||G||_F >= sigma_max^2
     fro2 = torch.where(fro2 > 0, fro2, torch.ones_like(fro2))
@@ -202,6 +202,7 @@ def run_plan(
     inv_norm = torch.rsqrt(c2 * fro2)  # 1 / N in x0's units; folded into step 0's right factor
     powers = [gram / c2, gram2 / (c2 * c2)]
     xk, acc = x0, None
+    del x0  # memory: only X_k (float32) and one product's operands and output are alive
     for k, (q, g) in enumerate(zip(plan.quintics, plan.g)):
         if k > 0:
             gk = precision.mm(xk.mT, xk, dtype)
@@ -216,8 +217,10 @@ def run_plan(
         else:
             xk = precision.mm(xk, step, dtype)
     final = _matrix_chebyshev(plan.f, plan.f_hi, precision.mm(xk.mT, xk, dtype), eye, dtype)
-    out = precision.mm(xk, final if acc is None else precision.mm(acc, final, dtype), dtype)
-    return out * (two * inv_norm.reciprocal()) ** plan.power
+    weight = final if acc is None else precision.mm(acc, final, dtype)
+    out = precision.mm(xk, weight, dtype)
+    del xk
+    return out.mul_((two * inv_norm.reciprocal()) ** plan.power)
 
 
 def _matrix_chebyshev(coeffs, hi: float, gram: torch.Tensor, eye: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -279,9 +282,10 @@ def fast_ns_cost(m: int, n: int) -> float:
 
 
 def fast_ns_workspace(m: int, n: int) -> float:
-    """Bytes beyond input and output: float32 X_k, its next value and 16-bit operand copies
-    (3 x 4mn + 2 x 2mn), plus ~10 float32 (n, n) matrices (G, powers, acc, Chebyshev terms)."""
-    return 16.0 * m * n + 40.0 * n * n
+    """Bytes beyond input and output: float32 X_k and its next value (2 x 4mn), one operand's
+    16-bit copy and, on the CPU emulation, its float32 widening (2mn + 4mn), plus ~12 float32
+    (n, n) matrices (G, its powers, acc, the Chebyshev terms and their operand copies)."""
+    return 14.0 * m * n + 48.0 * n * n + 4.0 * m * n  # + 4mn margin: the input's float32 copy
 
 
 # -- the minimax candidate (frontier only) ----------------------------------------------------

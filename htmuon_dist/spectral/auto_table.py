@@ -12,9 +12,10 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
    that slower time: real momenta are often ill-conditioned.
 3. No measurement for the device (or the table unreadable): the documented rule
    :func:`rule_method`. On CUDA devices it is ``"fast_ns"``: fp16 products, priced at 2.0-2.8x
-   bf16 NS5 at the LLaMA-1B/7B shapes against 38x for ``eigh`` (cuSOLVER cannot batch it), and
+   bf16 NS5 at the LLaMA-1B/7B shapes against 7-67x for ``eigh`` (cuSOLVER cannot batch it);
    err/gap <= 0.25 on bf16 data's heavy-tailed, two-bulk, Marchenko-Pastur and power-law spectra
-   (benchmarks/fast_ns_frontier.py, docs/spectral.md "fast_ns"). Everywhere else it is
+   at 512x256 and 1365x512, but up to 0.9 on square 1024x1024 ones with many singular values
+   near the noise cutoff (benchmarks/fast_ns_frontier.py, docs/spectral.md "fast_ns"). Everywhere else it is
    :data:`RULE_METHOD` = ``"eigh"``, the exact method, fastest or near-fastest on every CPU
    measured (0.6-1.7x NS5). A measured table entry for the device overrides the rule.
 

@@ -6,17 +6,20 @@
 Sections, in order (each a subprocess with its own timeout, all inside ``--budget-s``; a failed
 or timed-out section is recorded with its output tail and the next one runs):
 
-1. env: torch, CUDA, NCCL, driver, GPUs;
-2. spectral: ``benchmarks/spectral.py --device cuda`` on 60M/1B/7B shapes, every method: time,
+1. fast_ns: ``benchmarks/fast_ns_timing.py --device cuda``: fast_ns against bf16 NS5, Polar
+   Express, eigh (and tracked_ns) at issue 19's five shapes: measured time, ratio to NS5, the
+   priced time of benchmarks/gpu_cost.py beside it, err/gap against float64 on a bf16 input;
+2. env: torch, CUDA, NCCL, driver, GPUs;
+3. spectral: ``benchmarks/spectral.py --device cuda`` on 60M/1B/7B shapes, every method: time,
    ratio to bf16 NS5, err/bar; also the measured auto table for this GPU (``auto_table.json``
    in the report folder: copy it over htmuon_dist/spectral/auto_table.json to ship it);
-3. memory: ``benchmarks/memory.py --layers 7b --world 1 --device cuda`` (measured
+4. memory: ``benchmarks/memory.py --layers 7b --world 1 --device cuda`` (measured
    ``max_memory_allocated`` against the formula);
-4. trainer: a bf16 run of ``launch/train.py`` (FSDP2 config; 2 processes where 2 GPUs exist)
+5. trainer: a bf16 run of ``launch/train.py`` (FSDP2 config; 2 processes where 2 GPUs exist)
    that stops at step 6 with a checkpoint, then resumes to step 12;
-5. deepspeed: ZeRO-1 and ZeRO-3 trainer runs at W = 1;
-6. sharded example: ``launch/examples/sharded_htmuon.py`` over NCCL at W = 1 per backend;
-7. scaling: ``benchmarks/scaling.py --device cuda`` at W = 1..#GPUs (two ranks cannot share
+6. deepspeed: ZeRO-1 and ZeRO-3 trainer runs at W = 1;
+7. sharded example: ``launch/examples/sharded_htmuon.py`` over NCCL at W = 1 per backend;
+8. scaling: ``benchmarks/scaling.py --device cuda`` at W = 1..#GPUs (two ranks cannot share
    a GPU under NCCL, so W > 1 only runs where several GPUs are present).
 
 Outputs in ``--out``: report.md, report.json (every section: command, exit status, seconds,
@@ -84,6 +87,10 @@ def plan(out: Path, gpus: int, quick: bool, work: Optional[Path] = None) -> list
     worlds = ",".join(str(w) for w in range(1, max(gpus, 1) + 1))
     shapes = "60m,1b" if quick else "60m,1b,7b"
     return [
+        Section("fast_ns", "fast_ns vs bf16 NS5, Polar Express and eigh at issue 19's five shapes: "
+                "measured time, x NS5, priced time, err/gap vs float64",
+                [[py, "benchmarks/fast_ns_timing.py", "--device", "cuda", "--repeat", "3",
+                  "--json", str(out / "fast_ns.json")]], 120),
         Section("env", "torch, CUDA, NCCL, driver, GPUs", [[py, __file__, "--env-only"]], 60),
         Section("spectral", "Σ^p methods on 60M/1B/7B shapes: time, ratio to bf16 NS5, err/bar",
                 [[py, "benchmarks/spectral.py", "--device", "cuda", "--shapes", shapes, "--repeat", "3",
@@ -175,7 +182,7 @@ def parse_results(sections: list[Section], out: Path, work: Optional[Path] = Non
                 sec.result["data"] = json.loads(sec.result["runs"][0]["stdout_tail"].strip().splitlines()[-1])
             except (ValueError, IndexError):
                 pass
-        for name in ("spectral", "memory", "scaling"):
+        for name in ("fast_ns", "spectral", "memory", "scaling"):
             if sec.name == name:
                 data = _load(out / f"{name}.json")
                 if data is not None:
@@ -199,6 +206,19 @@ def markdown(sections: list[Section], args: argparse.Namespace, total_s: float) 
     lines += ["", "## Sections", "", "| section | what | status | seconds |", "|---|---|---|---|"]
     for s in sections:
         lines.append(f"| {s.name} | {s.what} | {s.result.get('status', 'not run')} | {s.result.get('seconds', '')} |")
+    fast = next((s.result.get("data") for s in sections if s.name == "fast_ns"), None)
+    if fast and fast.get("rows"):
+        lines += ["", "## Σ^p at issue 19's shapes (fast_ns_timing.py)", "",
+                  f"Measured on {fast.get('device')}: best of 3 after a warm-up; × NS5 = ratio to bf16 NS5 timed in "
+                  "the same run; priced = benchmarks/gpu_cost.py at H100 rates (not measured); err/gap <= 0.25 is "
+                  "issue 19's target (HTMuon methods, p = 1/8); polar err = ||Y - UV^T|| / ||UV^T|| (Muon methods).", "",
+                  "| shape | method | time (ms) | × NS5 | priced (ms) | err/gap | polar err |", "|---|---|---|---|---|---|---|"]
+        for r in fast["rows"]:
+            priced = f"{r['priced_s'] * 1e3:.2f}" if "priced_s" in r else "n/a"
+            eg = f"{r['err_over_gap']:.3f}" if "err_over_gap" in r else ""
+            pe = f"{r['polar_err']:.3f}" if "polar_err" in r else ""
+            lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['method']} | {r['time_s'] * 1e3:.2f} | "
+                         f"{r.get('ratio_to_ns5', float('nan')):.2f} | {priced} | {eg} | {pe} |")
     spec = next((s.result.get("data") for s in sections if s.name == "spectral"), None)
     if spec:
         rows = spec["rows"]

@@ -15,7 +15,9 @@ What it models, per rank and optimizer step (all inputs printed with the table):
   past W = #matrices the floor is the slowest single matrix. Per-matrix times come from the
   profile: measured at that shape when it was, else the method's largest measured size of the
   nearest aspect ratio scaled by its FLOP cost (``--profile cpu`` measures small sizes here), else
-  composed from measured eigh times and matmul rates.
+  priced by ``benchmarks/gpu_cost.py`` (the h100-probe profile and GPU reports: products counted
+  by dtype, decompositions at the measured eigh times; the same figures as its table), else
+  composed from the profile's eigh times and matmul rates.
 * exchange: each rank sends its shard of every matrix to the owner and receives its shard of
   the update: ``2 · max(P/W, largest matrix) · bytes`` over ``--intra-gbps`` (W <= 8, NVLink)
   or ``--inter-gbps`` (W > 8, per-GPU network).
@@ -36,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/spectral.py
@@ -46,6 +48,14 @@ MODELS = {  # hidden, layers, ffn, vocab (configs/model/{1b,7b}.json)
     "7b": dict(d=4096, layers=32, ffn=11008, vocab=32000),
 }
 HTMUON_METHODS = ["eigh", "gram32", "gram_rr", "tracked_ns"]
+MUON_METHODS = ["ns5", "polar_express"]  # p = 0; "ns5" is the baseline every ratio is taken to
+
+
+def htmuon_methods() -> list[str]:
+    """The HTMuon methods modelled: the fixed list, plus ``fast_ns`` once it is registered."""
+    from htmuon_dist.spectral import available_methods
+
+    return HTMUON_METHODS + [m for m in ("fast_ns",) if m in available_methods()]
 
 
 @dataclass
@@ -57,6 +67,8 @@ class Profile:
     eigh_points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # dtype -> (n, s)
     rates: dict[str, float] = field(default_factory=dict)  # dtype -> FLOP/s of matmul
     notes: list[str] = field(default_factory=list)
+    # (method, m, n) -> priced seconds for methods the profile did not measure (gpu_cost.price)
+    pricer: Optional[Callable[[str, int, int], float]] = None
 
     def add(self, method: str, m: int, n: int, seconds: float) -> None:
         self.times.setdefault(method, {})[(max(m, n), min(m, n))] = seconds
@@ -75,9 +87,26 @@ def h100_probe() -> Profile:
         prev = p.times.get("ns5", {}).get((max(shape), min(shape)), 0.0)
         p.add("ns5", *shape, max(prev, ms * 1e-3))  # both orientations: the slower
     p.rates = {"float32": 50e12, "float64": 50e12, "bfloat16": 600e12}
+    p.pricer = _gpu_cost_price
     p.notes = ["eigh/NS5/fp32-matmul times measured on an H100 (probe); fp64 matmul 50 TFLOP/s assumed",
-               "tracked_ns, gram32, gram_rr composed from those (not timed on a GPU)"]
+               "every other method (and eigh) PRICED by benchmarks/gpu_cost.py from those (not timed on a GPU)"]
     return p
+
+
+# dtype of the owner's matrices when pricing: the wire's (--comm-bytes 2: bf16 momentum, whose
+# noise cutoff lets tracked_ns/fast_ns lift from a higher floor; 4: float32). Set by main().
+PRICED_INPUT = "float32"
+
+
+def _gpu_cost_price(method: str, m: int, n: int) -> float:
+    """gpu_cost's priced seconds, the slower orientation (as the probe's NS5 times here: a shape
+    key (m, n) with m >= n stands for both), for an input of dtype PRICED_INPUT."""
+    import gpu_cost
+    import torch
+
+    power = 0.0 if method in MUON_METHODS else 0.125
+    dtype = getattr(torch, PRICED_INPUT)
+    return max(gpu_cost.price(method, m, n, power, dtype), gpu_cost.price(method, n, m, power, dtype))
 
 
 def cpu_profile(sizes: list[int], repeat: int, threads: int = 1) -> Profile:
@@ -95,8 +124,9 @@ def cpu_profile(sizes: list[int], repeat: int, threads: int = 1) -> Profile:
     for n in sizes:
         for m in (n, int(round(n * 2.6875))):  # 4096 x 11008 and 2048 x 5461 are both ~2.69
             x = torch.randn(m, n, generator=gen)
-            for method in ["ns5"] + HTMUON_METHODS:
-                fn = (lambda: newton_schulz5(x)) if method == "ns5" else (lambda: spectral_power(x, 0.125, method=method))
+            for method in MUON_METHODS + htmuon_methods():
+                fn = ((lambda: newton_schulz5(x)) if method == "ns5" else
+                      (lambda: spectral_power(x, 0.0 if method in MUON_METHODS else 0.125, method=method)))
                 p.add(method, m, n, best_time(fn, torch.device("cpu"), repeat))
             print(f"  measured n = {n}, m = {m}: " + ", ".join(
                 f"{k} {v[(m, n)] * 1e3:.1f} ms" for k, v in p.times.items()), flush=True)
@@ -119,7 +149,7 @@ def report_profile(path: Path, base: Profile) -> Profile:
     if not rows:
         raise SystemExit(f"step_model.py: error: --gpu-report {path} has no spectral rows")
     p = Profile(f"report {path} ({data.get('device') or data.get('spectral', {}).get('device')})",
-                eigh_points=base.eigh_points, rates=dict(base.rates))
+                eigh_points=base.eigh_points, rates=dict(base.rates), pricer=base.pricer)
     for row in rows:
         m, n = row["shape"]
         name = row.get("resolved", row["method"]) if row["method"] == "auto" else row["method"]
@@ -173,6 +203,8 @@ def matrix_time(p: Profile, method: str, m: int, n: int) -> float:
             return (round(abs(math.log((mm / nn) / (m / n))), 1), -nn)
         (mm, nn), t = min(measured.items(), key=key)
         return t * method_cost(method, m, n) / method_cost(method, mm, nn)
+    if p.pricer is not None:
+        return p.pricer(method, m, n)
     return _composed(p, method, m, n)
 
 
@@ -211,16 +243,37 @@ def step_times(p: Profile, model: str, world: int, args: argparse.Namespace) -> 
     out = {"model": model, "W": world, "tokens_per_rank": tokens, "fwd_bwd_s": fwd_bwd,
            "exchange_s": exchange, "elementwise_s": elementwise, "methods": {}}
     spectral = {}
-    for method in ["ns5"] + HTMUON_METHODS:
+    for method in MUON_METHODS + htmuon_methods():
         spectral[method] = max_owner_load([matrix_time(p, method, m, n) for m, n in mats], world)
-    for method in HTMUON_METHODS:
+    for method in htmuon_methods():
         out["methods"][f"htmuon {method}"] = spectral[method]
     k = args.interval
     out["methods"][f"htmuon_interval eigh (k={k})"] = (spectral["eigh"] + (k - 1) * spectral["ns5"]) / k
-    out["methods"]["muon ns5"] = spectral["ns5"]
+    for method in MUON_METHODS:
+        out["methods"][f"muon {method}"] = spectral[method]
     for name, t in out["methods"].items():
         out["methods"][name] = {"spectral_s": t, "step_s": t + exchange + elementwise,
                                 "fraction": (t + exchange + elementwise) / fwd_bwd}
+    muon = out["methods"]["muon ns5"]["step_s"]
+    for v in out["methods"].values():
+        v["x_muon_step"] = v["step_s"] / muon
+    return out
+
+
+def markdown_table(rows: list[dict], method: str) -> list[str]:
+    """HTMuon with ``method`` (and eigh) against Muon (NS5, Polar Express) per model and W: step
+    ms, % of forward+backward, and the ratio to Muon's NS5 step."""
+    key = f"htmuon {method}"
+    if rows and key not in rows[0]["methods"]:
+        raise SystemExit(f"step_model.py: error: --markdown {method}: not a modelled HTMuon method "
+                         f"({sorted(k for k in rows[0]['methods'] if k.startswith('htmuon '))})")
+    cols = ["muon ns5", "muon polar_express", key, "htmuon eigh"]
+    out = ["| model | W | fwd+bwd (ms) | " + " | ".join(cols) + f" | {key} / muon ns5 |",
+           "|---|---|---|" + "---|" * (len(cols) + 1)]
+    for r in rows:
+        cells = [f"{r['methods'][c]['step_s'] * 1e3:.1f} ms ({r['methods'][c]['fraction'] * 100:.1f}%)" for c in cols]
+        out.append(f"| {r['model'].upper()} | {r['W']} | {r['fwd_bwd_s'] * 1e3:.0f} | " + " | ".join(cells)
+                   + f" | {r['methods'][key]['x_muon_step']:.2f}× |")
     return out
 
 
@@ -246,7 +299,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM TB/s (elementwise optimizer work)")
     ap.add_argument("--interval", type=int, default=5, help="htmuon_interval's k")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--markdown", default=None, metavar="METHOD",
+                    help="also print a Markdown table of HTMuon with METHOD (and eigh) against Muon's step")
     args = ap.parse_args(argv)
+    global PRICED_INPUT
+    PRICED_INPUT = "bfloat16" if args.comm_bytes == 2 else "float32"
     if args.profile == "cpu":
         args.peak_tflops = args.peak_tflops if "--peak-tflops" in (argv or sys.argv) else None
         prof = cpu_profile([int(s) for s in args.cpu_sizes.split(",")], args.repeat, args.threads)
@@ -260,6 +317,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"profile: {prof.name}")
     for note in prof.notes:
         print(f"  - {note}")
+    if prof.pricer is not None:
+        print(f"  - priced methods see {PRICED_INPUT} matrices (the wire dtype of --comm-bytes {args.comm_bytes}) "
+              f"and its default noise cutoff")
     scaling = (f"global batch {args.global_tokens:.0f} tokens (/W per rank)" if args.global_tokens
                else f"{args.tokens_per_rank:.0f} tokens per rank (weak scaling)")
     print(f"assumptions: forward+backward = (6N + 12 L d s) x tokens / ({args.peak_tflops:g} TFLOP/s x MFU "
@@ -270,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for model in args.models.split(","):
         for shape in sorted(set(hidden_matrices(model))):
             print(f"  {model} {shape[0]}x{shape[1]}: " + ", ".join(
-                f"{meth} {matrix_time(prof, meth, *shape) * 1e3:.1f}" for meth in ["ns5"] + HTMUON_METHODS))
+                f"{meth} {matrix_time(prof, meth, *shape) * 1e3:.1f}" for meth in MUON_METHODS + htmuon_methods()))
     rows = []
     for model in args.models.split(","):
         mats = hidden_matrices(model)
@@ -293,6 +353,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         under = {n: [r["W"] for r in rows if r["model"] == model and r["methods"][n]["fraction"] < 0.10] for n in names}
         for n, ws in under.items():
             print(f"  {n}: under 10% at W = {ws if ws else 'none of ' + args.worlds}")
+        here = [r for r in rows if r["model"] == model]
+        print(f"  step / Muon (ns5) step at W = {[r['W'] for r in here]}:")
+        for n in names:
+            ratios = [r["methods"][n]["x_muon_step"] for r in here]
+            print(f"    {n:<28} " + " ".join(f"{q:6.2f}x" for q in ratios) + f"   worst {max(ratios):.2f}x")
+    if args.markdown:
+        print()
+        print("\n".join(markdown_table(rows, args.markdown)))
     if args.json:
         args.json.write_text(json.dumps({"profile": prof.name, "notes": prof.notes, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

@@ -42,6 +42,17 @@ def test_choice_follows_the_table():
     assert name == auto_table.RULE_METHOD == "eigh" and why.startswith("rule")
     failing = _table(cpu=[{"shape": [64, 64], "methods": {"tracked_ns": {"time_s": 1, "err_over_bar": 2}}}])
     assert auto_table.choose("cpu", 64, 64, failing)[0] == "eigh"
+    assert auto_table.choose("Other GPU", 64, 64, failing, rule="fast_ns")[0] == "fast_ns"
+
+
+def test_cuda_rule_is_fast_ns_at_the_llama_shapes():
+    # no CUDA table entry is shipped: the documented rule applies (docs/spectral.md, "fast_ns")
+    for m, n in [(2048, 5461), (5461, 2048), (2048, 2048), (4096, 11008), (4096, 4096)]:
+        assert fast.auto_choice("cuda", m, n) == "fast_ns"
+    assert auto_table.rule_method("cpu") == "eigh"
+    assert fast.auto_choice("cpu", 512, 512) in auto_table.CANDIDATES  # measured table
+    # the planner costs auto as fast_ns on every rank (device-independent plans)
+    assert get_method("auto").cost(5461, 2048) == get_method("fast_ns").cost(5461, 2048)
 
 
 def test_auto_runs_what_the_table_names(monkeypatch, tmp_path):
@@ -87,4 +98,5 @@ def test_shipped_table_names_registered_methods():
 
 
 def test_cost_is_device_independent():
-    assert fast.auto_cost(5461, 2048) == get_method("eigh").cost(5461, 2048)
+    # one fixed method (the CUDA rule's) on every rank, whatever device the rank has
+    assert fast.auto_cost(5461, 2048) == get_method("fast_ns").cost(5461, 2048)

@@ -20,8 +20,11 @@ def test_dry_run_prints_the_plan_and_exits_0():
     proc = subprocess.run([sys.executable, "benchmarks/gpu_acceptance.py", "--dry-run"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for name in ("env", "spectral", "memory", "trainer", "deepspeed", "examples", "scaling"):
+    for name in ("fast_ns", "env", "spectral", "memory", "trainer", "deepspeed", "examples", "scaling"):
         assert f". {name} (timeout" in proc.stdout
+    # the first section times fast_ns against NS5 at issue 19's shapes
+    assert proc.stdout.index("1. fast_ns (timeout") < proc.stdout.index("2. env (timeout")
+    assert "benchmarks/fast_ns_timing.py --device cuda" in proc.stdout
     assert "benchmarks/memory.py --layers 7b --world 1 --device cuda --json" in proc.stdout
     assert "deepspeed_zero1.yaml" in proc.stdout and "deepspeed_zero3.yaml" in proc.stdout
     assert "--stop_at_step 6" in proc.stdout
@@ -62,3 +65,25 @@ def test_report_quotes_the_key_ratios():
     # tracked_ns is faster but fails the bar here, so eigh is quoted
     assert "- 2048×5461: fastest within the bar eigh 7.50× NS5; eigh 7.50×" in md
     assert "- 4096×11008: fastest within the bar eigh 7.50× NS5" in md
+
+
+def test_fast_ns_section_runs_on_the_cpu_and_renders(tmp_path):
+    # the section's script, at 1/32 of the shapes on the CPU: every row it reports, priced too
+    out = tmp_path / "fast_ns.json"
+    proc = subprocess.run([sys.executable, "benchmarks/fast_ns_timing.py", "--device", "cpu", "--scale", "32",
+                           "--repeat", "1", "--methods", "ns5,polar_express,eigh", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 5 * 3
+    by = {(tuple(r["shape"]), r["method"]): r for r in data["rows"]}
+    shape = (4096 // 32, 11008 // 32)
+    assert by[(shape, "ns5")]["ratio_to_ns5"] == 1.0
+    assert by[(shape, "eigh")]["err_over_gap"] < 0.01  # the exact method against its float64 twin
+    assert 0.05 < by[(shape, "ns5")]["polar_err"] < 0.4 and by[(shape, "polar_express")]["polar_err"] < 0.15
+    assert by[(shape, "eigh")]["priced_s"] > by[(shape, "ns5")]["priced_s"] > 0
+    sec = gpu_acceptance.Section("fast_ns", "x", [], 1, {"status": "ok", "seconds": 1, "data": data})
+    md = gpu_acceptance.markdown([sec], argparse.Namespace(out="o", quick=False), 10)
+    assert "## Σ^p at issue 19's shapes" in md and f"| {shape[0]}×{shape[1]} | polar_express |" in md

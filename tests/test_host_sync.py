@@ -155,14 +155,14 @@ def _assert_clean(per_step, world, buckets):
             assert counts["n_collectives"] == 2 * buckets, counts
 
 
-@pytest.mark.parametrize("method,normuon", [("eigh", False), ("stream", False), ("eigh", True)])
+@pytest.mark.parametrize("method,normuon", [("eigh", False), ("stream", False), ("eigh", True), ("fast_ns", False)])
 def test_one_process_step_reads_nothing_on_the_host(method, normuon):
     per_step, buckets = torch_worker(0, 1, "none", method, normuon)
     _assert_clean(per_step, 1, buckets)
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("backend,method", [("fsdp2", "eigh"), ("ddp", "eigh"), ("fsdp2", "stream")])
+@pytest.mark.parametrize("backend,method", [("fsdp2", "eigh"), ("ddp", "eigh"), ("fsdp2", "stream"), ("fsdp2", "fast_ns")])
 def test_two_rank_step_reads_nothing_and_only_exchanges(backend, method):
     for per_step, buckets in run_ranks(torch_worker, 2, backend, method):
         _assert_clean(per_step, 2, buckets)

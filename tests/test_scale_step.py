@@ -38,7 +38,7 @@ def _set_grads(params, seed):
         p.grad = torch.randn(p.shape, generator=g)
 
 
-@pytest.mark.parametrize("method", ["eigh", "svd", "stream"])
+@pytest.mark.parametrize("method", ["eigh", "svd", "stream", "fast_ns"])
 def test_one_process_step_stays_within_the_memory_contract(method):
     params = _matrices(SMALL_1B)
     opt = HTMuon([{"params": params, "htmuon": True}], lr=0.01, method=method)
@@ -93,6 +93,7 @@ def memory_worker(rank, world, backend, method="eigh"):
 @pytest.mark.multirank
 @pytest.mark.parametrize("backend,world,method", [
     ("fsdp2", 2, "eigh"), ("fsdp2", 3, "eigh"), ("ddp", 2, "eigh"), ("fsdp2", 3, "stream"),
+    ("fsdp2", 2, "fast_ns"),
 ])
 def test_sharded_step_stays_within_the_memory_contract(backend, world, method):
     for rank, (peak, bound) in enumerate(run_ranks(memory_worker, world, backend, method)):

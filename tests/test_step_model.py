@@ -60,3 +60,31 @@ def test_table_from_a_gpu_report(tmp_path):
     assert eigh == pytest.approx(2 * ns5)
     assert r8["methods"]["htmuon eigh"]["fraction"] == pytest.approx(
         r8["methods"]["htmuon eigh"]["step_s"] / r8["fwd_bwd_s"])
+
+
+def test_probe_profile_prices_unmeasured_methods_with_gpu_cost():
+    import gpu_cost
+
+    import torch
+
+    probe = step_model.h100_probe()
+    assert step_model.PRICED_INPUT == "float32"  # the default --comm-bytes 4: a float32 wire
+    for method in ("tracked_ns", "polar_express", "gram_rr"):
+        power = 0.0 if method == "polar_express" else 0.125
+        want = max(gpu_cost.price(method, 4096, 11008, power, torch.float32),
+                   gpu_cost.price(method, 11008, 4096, power, torch.float32))
+        assert step_model.matrix_time(probe, method, 11008, 4096) == want
+    # measured NS5 stays measured; Polar Express has NS5's products, so the same priced time
+    assert step_model.matrix_time(probe, "ns5", 4096, 11008) == pytest.approx(6.919e-3)
+    assert step_model.matrix_time(probe, "polar_express", 4096, 11008) == pytest.approx(6.919e-3)
+
+
+def test_rows_carry_the_ratio_to_muons_step():
+    args = step_model.argparse.Namespace(global_tokens=None, tokens_per_rank=16384, seq_len=2048, peak_tflops=989.0,
+                                         mfu=0.4, intra_gbps=300.0, inter_gbps=45.0, comm_bytes=4, hbm_tbps=3.35,
+                                         interval=5)
+    r = step_model.step_times(step_model.h100_probe(), "1b", 64, args)
+    assert r["methods"]["muon ns5"]["x_muon_step"] == 1.0
+    eigh = r["methods"]["htmuon eigh"]
+    assert eigh["x_muon_step"] == pytest.approx(eigh["step_s"] / r["methods"]["muon ns5"]["step_s"])
+    assert "muon polar_express" in r["methods"]

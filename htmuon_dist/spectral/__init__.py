@@ -14,7 +14,9 @@ import torch
 
 from . import exact as _exact  # noqa: F401  (registers "svd", "eigh")
 from . import newton_schulz as _newton_schulz  # noqa: F401  (registers "ns5")
+from . import polar_express as _polar_express  # noqa: F401  (registers "polar_express")
 from . import tracked_ns as _tracked_ns  # noqa: F401  (registers "tracked_ns")
+from . import fast_ns as _fast_ns  # noqa: F401  (registers "fast_ns")
 from . import fast as _fast  # noqa: F401  (registers "gram_rr", "auto")
 from . import ns_roots as _ns_roots  # noqa: F401  (registers "ns_roots")
 from . import ht as _ht  # noqa: F401  (registers "ht")

@@ -10,9 +10,14 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
    does), the one with the smallest time wins. A method with a slower ``time_s_fallback``
    (``gram32`` on an ill-conditioned input, where it redoes the matrix in float64) is ranked by
    that slower time: real momenta are often ill-conditioned.
-3. No measurement for the device (or the table unreadable): the documented rule,
-   :data:`RULE_METHOD` = ``"eigh"``, the exact method, fastest or near-fastest on every device
-   measured so far (CPU: 0.6-1.7x NS5; H100 probe: cuSOLVER eigh, see docs/spectral.md).
+3. No measurement for the device (or the table unreadable): the documented rule
+   :func:`rule_method`. On CUDA devices it is ``"fast_ns"``: fp16 products, priced at 2.0-2.8x
+   bf16 NS5 at the LLaMA-1B/7B shapes against 7-67x for ``eigh`` (cuSOLVER cannot batch it);
+   err/gap <= 0.25 on bf16 data's heavy-tailed, two-bulk, Marchenko-Pastur and power-law spectra
+   at 512x256 and 1365x512, but up to 0.9 on square 1024x1024 ones with many singular values
+   near the noise cutoff (benchmarks/fast_ns_frontier.py, docs/spectral.md "fast_ns"). Everywhere else it is
+   :data:`RULE_METHOD` = ``"eigh"``, the exact method, fastest or near-fastest on every CPU
+   measured (0.6-1.7x NS5). A measured table entry for the device overrides the rule.
 
 Lookups use host metadata only (device name, shape): no sync. The chosen method may sync
 (``gram32`` syncs once per call to decide its float64 fallback); the others do not.
@@ -30,8 +35,10 @@ import torch
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 RULE_METHOD = "eigh"
+# the rule per device type where it differs from RULE_METHOD (see the module docstring, 3.)
+RULE_BY_DEVICE_TYPE = {"cuda": "fast_ns"}
 # Methods auto may pick: HTMuon-capable (any p) and meeting the bar when measured.
-CANDIDATES = ("eigh", "svd", "gram32", "gram_rr", "tracked_ns")
+CANDIDATES = ("eigh", "svd", "gram32", "gram_rr", "tracked_ns", "fast_ns")
 
 Table = dict[str, Any]
 
@@ -50,6 +57,11 @@ def load_table(path: Optional[Path] = None) -> Table:
     return _load(str(path or TABLE_PATH))
 
 
+def rule_method(device_type: str) -> str:
+    """The documented rule's method for a device type without measurements."""
+    return RULE_BY_DEVICE_TYPE.get(device_type, RULE_METHOD)
+
+
 @functools.lru_cache(maxsize=16)
 def device_key(device_type: str, index: Optional[int] = None) -> str:
     """Table key of a device: ``"cpu"``, or the CUDA device's name."""
@@ -63,13 +75,16 @@ def _shape_distance(entry: dict, m: int, n: int) -> float:
     return abs(math.log(em / m)) + abs(math.log(en / n))
 
 
-def choose(key: str, m: int, n: int, table: Optional[Table] = None) -> tuple[str, str]:
-    """(method, why) for one (m, n) matrix (either orientation) on the device ``key``."""
+def choose(
+    key: str, m: int, n: int, table: Optional[Table] = None, rule: str = RULE_METHOD
+) -> tuple[str, str]:
+    """(method, why) for one (m, n) matrix (either orientation) on the device ``key``; ``rule``
+    where the table has nothing for it (``rule_method(device_type)``)."""
     m, n = max(m, n), min(m, n)
     table = load_table() if table is None else table
     entries = table.get("devices", {}).get(key, {}).get("entries", [])
     if not entries or m < 1 or n < 1:
-        return RULE_METHOD, f"rule: no measurements for {key!r}"
+        return rule, f"rule: no measurements for {key!r}"
     nearest = min(entries, key=lambda e: _shape_distance(e, m, n))
     best: Optional[tuple[float, str]] = None
     for name, row in nearest.get("methods", {}).items():
@@ -79,7 +94,7 @@ def choose(key: str, m: int, n: int, table: Optional[Table] = None) -> tuple[str
         if best is None or (t, name) < best:
             best = (t, name)
     if best is None:
-        return RULE_METHOD, f"rule: no method met the bar at {tuple(nearest['shape'])} on {key!r}"
+        return rule, f"rule: no method met the bar at {tuple(nearest['shape'])} on {key!r}"
     return best[1], f"measured at {tuple(nearest['shape'])} on {key!r}: {best[0] * 1e3:.3g} ms"
 
 

@@ -75,8 +75,10 @@ def gram_rr_cost(m: int, n: int) -> float:
 
 def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None) -> str:
     """Method name ``"auto"`` uses for one (m, n) matrix on ``device_type`` (device ``index``):
-    the fastest that met the bar in the measured table (:mod:`.auto_table`), else ``eigh``."""
-    return auto_table.choose(auto_table.device_key(device_type, index), m, n)[0]
+    the fastest that met the bar in the measured table (:mod:`.auto_table`), else the documented
+    rule (``fast_ns`` on CUDA, ``eigh`` elsewhere: :func:`.auto_table.rule_method`)."""
+    key = auto_table.device_key(device_type, index)
+    return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type))[0]
 
 
 def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
@@ -86,9 +88,10 @@ def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
 
 
 def auto_cost(m: int, n: int) -> float:
-    # The planner must give every rank the same plan, so it costs the documented rule's method,
-    # not a per-device table lookup (ranks could see different devices).
-    return get_method(auto_table.RULE_METHOD).cost(m, n)
+    # The planner must give every rank the same plan, so it costs one fixed method, not a
+    # per-device lookup (ranks could see different devices): the CUDA rule's fast_ns, since the
+    # balance matters on GPU clusters. Its unit, 16-bit FLOPs, is ns5's (see registry.cost).
+    return get_method(auto_table.rule_method("cuda")).cost(m, n)
 
 
 register_method(

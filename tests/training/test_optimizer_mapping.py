@@ -153,3 +153,11 @@ def test_normuon_combines_with_the_other_variants_through_spectral_method(method
     """The reference's htmuon_normuon_ns / _ht / _stream: ``--optimizer htnormuon --spectral_method X``."""
     kw = htmuon_kwargs(_resolved("--optimizer", "htnormuon", "--spectral_method", method))
     assert (kw["method"], kw["power"], kw["normuon"]) == (method, power, True)
+
+
+@pytest.mark.parametrize("optimizer", ["htmuon", "htnormuon"])
+def test_fast_ns_is_accepted_as_spectral_method(optimizer: str) -> None:
+    """``--spectral_method fast_ns`` reaches HTMuon (and NorMuon on it) like any registered method."""
+    kw = htmuon_kwargs(_resolved("--optimizer", optimizer, "--spectral_method", "fast_ns"))
+    assert kw["method"] == "fast_ns" and kw["power"] == 0.125
+    assert kw.get("normuon", False) is (optimizer == "htnormuon")

@@ -76,9 +76,10 @@ def gram_rr_cost(m: int, n: int) -> float:
 def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None) -> str:
     """Method name ``"auto"`` uses for one (m, n) matrix on ``device_type`` (device ``index``):
     the fastest that met the bar in the measured table (:mod:`.auto_table`), else the documented
-    rule (``fast_ns`` on CUDA, ``eigh`` elsewhere: :func:`.auto_table.rule_method`)."""
+    rule (on CUDA ``fast_ns`` for m/n >= 2 and ``eigh`` for near-square shapes; ``eigh``
+    elsewhere: :func:`.auto_table.rule_method`)."""
     key = auto_table.device_key(device_type, index)
-    return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type))[0]
+    return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type, m, n))[0]
 
 
 def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
@@ -89,9 +90,9 @@ def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
 
 def auto_cost(m: int, n: int) -> float:
     # The planner must give every rank the same plan, so it costs one fixed method, not a
-    # per-device lookup (ranks could see different devices): the CUDA rule's fast_ns, since the
-    # balance matters on GPU clusters. Its unit, 16-bit FLOPs, is ns5's (see registry.cost).
-    return get_method(auto_table.rule_method("cuda")).cost(m, n)
+    # per-device lookup (ranks could see different devices): the CUDA rule's method for the
+    # shape, since the balance matters on GPU clusters (see registry.cost for the units).
+    return get_method(auto_table.rule_method("cuda", m, n)).cost(m, n)
 
 
 register_method(

@@ -103,9 +103,11 @@ def htmuon_kwargs(t: TrainArguments) -> dict:
         adamw_lr=t.adamw_lr, adamw_betas=(0.9, 0.95), adamw_eps=1e-10,
         adamw_weight_decay=t.adamw_weight_decay,
         nonfinite=t.nonfinite, nonfinite_patience=t.nonfinite_patience,
-        # the loop reads skipped_steps after every step, so HTMuon checks every step too (a
-        # raise or the patience then stops the run at the step itself, as before)
-        check_every=1,
+        # HTMuon's rank-agreement and non-finite check (a collective and a host read) runs at
+        # the loop's logging interval, where the loop reads skipped_steps anyway: steps between
+        # logging steps stay free of host syncs, and a raise or the patience stops the run at
+        # the next logging step
+        check_every=max(1, int(t.logging_steps)),
     )
     if normuon:
         kwargs.update(normuon=True, normuon_beta2=t.normuon_beta2)

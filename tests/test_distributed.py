@@ -89,7 +89,9 @@ def first_principles_bytes(results, rank, replicated, elem=4):
     so a rank sends its piece of each matrix it does not own and, for each matrix it owns, the
     other ranks' pieces of the update. Replicated (DDP) gradients need no gathering: the owner
     sends the whole update to each of the other W - 1 ranks. Pieces are the parameters' local
-    element counts (``_local_numel``), not the engine's own ranges."""
+    element counts (``_local_numel``), not the engine's own ranges. Plus the step's non-finite
+    flag (docs/distributed.md, "No host synchronisation"): one float32 from each rank to every
+    other rank, in the first bucket's gather."""
     owners, world = results[rank]["owners"], len(results)
     total = 0
     for i, owner in enumerate(owners):
@@ -100,7 +102,8 @@ def first_principles_bytes(results, rank, replicated, elem=4):
             total += sum(n for q, n in enumerate(pieces) if q != rank)
         else:
             total += pieces[rank]
-    return total * elem
+    flag = (world - 1) * 4 if owners else 0
+    return total * elem + flag
 
 
 def expected_bytes(result, rank, elem=4):

@@ -297,19 +297,8 @@ H_MIN = 0.3  # each step's h stays >= H_MIN (relative to the band's top): see _s
 
 
 def _lawson(basis: torch.Tensor, rhs: torch.Tensor, iters: int = 80) -> tuple[torch.Tensor, float]:
-    """Near-minimax fit ``basis @ coef ~ rhs`` (Lawson's reweighted least squares), float64."""
-    lw = torch.full_like(rhs, 1.0 / rhs.numel())
-    best: Optional[tuple[torch.Tensor, float]] = None
-    for _ in range(iters):
-        sw = lw.sqrt()
-        coef = torch.linalg.lstsq(basis * sw[:, None], (rhs * sw)[:, None]).solution[:, 0]
-        err = (basis @ coef - rhs).abs()
-        if best is None or err.max().item() < best[1]:
-            best = (coef, err.max().item())
-        lw = lw * err
-        lw = lw / lw.sum().clamp_min(1e-300)
-    assert best is not None
-    return best
+    """tracked_ns's Lawson fit, with this module's default of 80 reweightings."""
+    return _tn.lawson_fit(basis, rhs, iters)
 
 
 def _grid(lo: float, hi: float, count: int = 600) -> torch.Tensor:

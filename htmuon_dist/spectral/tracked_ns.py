@@ -135,17 +135,14 @@ def _basis(ys: torch.Tensor, degree: int, cheb_hi: float | None) -> torch.Tensor
     return torch.stack(cols[: degree + 1], dim=1)
 
 
-def _fit(
-    ys: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, degree: int, cheb_hi: float | None = None
-) -> tuple[torch.Tensor, float]:
-    """Near-minimax weighted polynomial fit (Lawson's reweighted least squares), float64.
+def lawson_fit(basis: torch.Tensor, rhs: torch.Tensor, iters: int = 60) -> tuple[torch.Tensor, float]:
+    """Near-minimax fit ``basis @ coef ~ rhs`` (Lawson's reweighted least squares), float64.
 
-    Returns (coefficients low->high in the basis of :func:`_basis`, max weighted error over ys)."""
-    basis = _basis(ys, degree, cheb_hi) * weight[:, None]
-    rhs = target * weight
-    lw = torch.full_like(ys, 1.0 / ys.numel())
+    basis: (k, d), rhs: (k,). Returns (coef (d,), max |basis @ coef - rhs|) of the best iterate.
+    Host-side schedule building only (it reads values), never inside a step."""
+    lw = torch.full_like(rhs, 1.0 / rhs.numel())
     best: tuple[torch.Tensor, float] | None = None
-    for _ in range(60):
+    for _ in range(iters):
         sw = lw.sqrt()
         coef = torch.linalg.lstsq(basis * sw[:, None], (rhs * sw)[:, None]).solution[:, 0]
         err = (basis @ coef - rhs).abs()
@@ -155,6 +152,15 @@ def _fit(
         lw = lw / lw.sum().clamp_min(1e-300)
     assert best is not None
     return best
+
+
+def _fit(
+    ys: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, degree: int, cheb_hi: float | None = None
+) -> tuple[torch.Tensor, float]:
+    """Near-minimax weighted polynomial fit, float64.
+
+    Returns (coefficients low->high in the basis of :func:`_basis`, max weighted error over ys)."""
+    return lawson_fit(_basis(ys, degree, cheb_hi) * weight[:, None], target * weight)
 
 
 def _fit_g(power: float, hi: float, steps: int) -> tuple[float, ...]:

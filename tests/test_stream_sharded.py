@@ -141,8 +141,10 @@ def _single_process(steps: int, drop_state_at: int | None = None) -> dict[str, t
     opt = HTMuon(param_groups(model, "reference"), process_group=None, **STREAM)
     for step, x in enumerate(batches(steps)):
         if step == drop_state_at:  # what a checkpoint without the basis would give
-            for st in opt.state.values():
+            sd = opt.state_dict()
+            for st in sd["state"].values():
                 st.pop(METHOD_STATE, None)
+            opt.load_state_dict(sd)
         loss_fn("llama", model, x).backward()
         opt.step()
         opt.zero_grad()

@@ -135,6 +135,27 @@ def _state_part(piece: Piece, k: int) -> list[tuple[int, int, int]]:
     return _intersect(piece, (0, k)) if k else []
 
 
+def _own_spans(i: int, piece: Piece, k: int) -> list[Span]:
+    """The owner's own piece of matrix ``i`` and its method-state part, which never travel:
+    read into the owner's assembled matrix (gather) and written back from its result
+    (scatter) with the same spans."""
+    spans = [Span(i, Channel.PIECE, local, glob, n, 0, n) for local, glob, n in _intersect(piece, (0, 1 << 62))]
+    spans += [Span(i, Channel.METHOD_STATE, local, glob, n, 0, n) for local, glob, n in _state_part(piece, k)]
+    return spans
+
+
+def _result_items(i: int, piece: Piece, rows: int, k: int, elem_bytes: int) -> list[tuple]:
+    """What the scatter carries of matrix ``i`` for the rank holding ``piece``: its piece of the
+    result, the row state, its method-state part; the owner sends exactly what that rank
+    receives, so both sides use this one list."""
+    items: list[tuple] = [(i, Channel.PIECE, local, glob, n, n) for local, glob, n in _intersect(piece, (0, 1 << 62))]
+    if rows:
+        items.append((i, Channel.ROW_STATE, 0, 0, rows, f32_wire_numel(rows, elem_bytes)))
+    items += [(i, Channel.METHOD_STATE, local, glob, n, f32_wire_numel(n, elem_bytes))
+              for local, glob, n in _state_part(piece, k)]
+    return items
+
+
 def build_schedule(
     rank: int,
     world: int,
@@ -189,10 +210,7 @@ def build_schedule(
                             send[owner].append((i, Channel.METHOD_STATE, local + l2, g2, n2,
                                                 f32_wire_numel(n2, elem_bytes)))
             else:
-                for local, glob, n in _intersect(pieces[i][rank], (0, 1 << 62)):
-                    own_source.append(Span(i, Channel.PIECE, local, glob, n, 0, n))
-                for local, glob, n in _state_part(pieces[i][rank], st):
-                    own_source.append(Span(i, Channel.METHOD_STATE, local, glob, n, 0, n))
+                own_source += _own_spans(i, pieces[i][rank], st)
                 for q in range(world):
                     if q == rank:
                         continue
@@ -211,26 +229,12 @@ def build_schedule(
         for i in bucket:
             owner, st, rows = owners[i], method_state[i], row_state[i]
             if owner == rank:
-                for local, glob, n in _intersect(pieces[i][rank], (0, 1 << 62)):
-                    own_result.append(Span(i, Channel.PIECE, local, glob, n, 0, n))
-                for local, glob, n in _state_part(pieces[i][rank], st):
-                    own_result.append(Span(i, Channel.METHOD_STATE, local, glob, n, 0, n))
+                own_result += _own_spans(i, pieces[i][rank], st)
                 for q in range(world):
-                    if q == rank:
-                        continue
-                    for local, glob, n in _intersect(pieces[i][q], (0, 1 << 62)):
-                        send[q].append((i, Channel.PIECE, local, glob, n, n))
-                    if rows:
-                        send[q].append((i, Channel.ROW_STATE, 0, 0, rows, f32_wire_numel(rows, elem_bytes)))
-                    for local, glob, n in _state_part(pieces[i][q], st):
-                        send[q].append((i, Channel.METHOD_STATE, local, glob, n, f32_wire_numel(n, elem_bytes)))
+                    if q != rank:
+                        send[q] += _result_items(i, pieces[i][q], rows, st, elem_bytes)
             else:
-                for local, glob, n in _intersect(pieces[i][rank], (0, 1 << 62)):
-                    recv[owner].append((i, Channel.PIECE, local, glob, n, n))
-                if rows:
-                    recv[owner].append((i, Channel.ROW_STATE, 0, 0, rows, f32_wire_numel(rows, elem_bytes)))
-                for local, glob, n in _state_part(pieces[i][rank], st):
-                    recv[owner].append((i, Channel.METHOD_STATE, local, glob, n, f32_wire_numel(n, elem_bytes)))
+                recv[owner] += _result_items(i, pieces[i][rank], rows, st, elem_bytes)
         scatter = _direction(world, send, recv)
         out.append(BucketSchedule(
             members=bucket, owned=tuple(i for i in bucket if owners[i] == rank), gather=gather,

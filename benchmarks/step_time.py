@@ -1,7 +1,7 @@
 """Measures HTMuon.step() on the tiny LLaMA of the tests, the code of this checkout against a
 baseline checkout, in one run: one process and FSDP2 over 2 gloo ranks, CPU.
 
-    python benchmarks/step_time.py --baseline /tmp/baseline [--steps 30] [--repeats 4]
+    python benchmarks/step_time.py --baseline /tmp/baseline [--also before=/tmp/before] [--steps 30] [--repeats 4]
 
 Each (code, setting) pair runs in its own fresh process (the two checkouts define the same
 package); the pairs are interleaved repeat by repeat so that load from other processes on
@@ -100,6 +100,8 @@ def _run(root: Path, world: int, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare against")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=PATH",
+                    help="more checkouts timed in the same run (e.g. the branch before a change)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--worlds", default="1,2")
@@ -112,7 +114,13 @@ def main() -> None:
     if args.baseline is None:
         ap.error("--baseline is required")
     worlds = [int(w) for w in args.worlds.split(",")]
-    codes = {"baseline": args.baseline.resolve(), "this": HERE}
+    codes = {"baseline": args.baseline.resolve()}
+    for item in args.also:
+        name, sep, path = item.partition("=")
+        if not sep or not name or name in ("baseline", "this"):
+            ap.error(f"--also takes NAME=PATH with a new NAME, got {item!r}")
+        codes[name] = Path(path).resolve()
+    codes["this"] = HERE
     results: dict[tuple[str, int], list[float]] = {}
     for rep in range(args.repeats):
         order = list(codes.items()) if rep % 2 == 0 else list(reversed(list(codes.items())))
@@ -126,8 +134,8 @@ def main() -> None:
         pass
     print(f"HTMuon.step() on the tiny LLaMA, measured; CPU {cpu}, 1 thread per process, "
           f"{os.cpu_count()} logical CPUs shared with other jobs")
-    print(f"baseline: {codes['baseline']}  this: {codes['this']}  steps {args.steps} (3 warm-up), "
-          f"repeats {args.repeats}")
+    print("  ".join(f"{name}: {root}" for name, root in codes.items())
+          + f"  steps {args.steps} (3 warm-up), repeats {args.repeats}")
     print(f"{'setting':<16}{'code':<10}{'median ms':>10}{'min ms':>9}{'max ms':>9}")
     for world in worlds:
         label = "one process" if world == 1 else f"FSDP2 x{world}"
@@ -135,8 +143,10 @@ def main() -> None:
             xs = [x * 1e3 for x in results[(name, world)]]
             print(f"{label:<16}{name:<10}{statistics.median(xs):>10.2f}{min(xs):>9.2f}{max(xs):>9.2f}")
         base = statistics.median(results[("baseline", world)])
-        new = statistics.median(results[("this", world)])
-        print(f"{label:<16}{'this/base':<10}{new / base:>10.3f}")
+        for name in codes:
+            if name != "baseline":
+                ratio = statistics.median(results[(name, world)]) / base
+                print(f"{label:<16}{name[:5] + '/base':<10}{ratio:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -96,16 +96,81 @@ def adamw_(
     eps: float,
     weight_decay: float,
     keep: torch.Tensor,
+    fused: Optional[bool] = None,
 ) -> None:
     """Bias-corrected AdamW with decoupled weight decay, in place, gated on the device.
 
     ``steps`` are 0-d float32 tensors (one per parameter, 1-based, already including this
     step); ``keep`` is a 0-d float32 tensor, 1.0 to step or 0.0 to leave every tensor exactly
-    as it is (a skipped non-finite step), never read on the host. ``grads`` must be finite.
+    as it is (a skipped non-finite step), never read on the host.
+
+    ``fused`` (None: where torch has it for these tensors) runs torch's fused AdamW kernel, one
+    pass over all tensors with no temporaries, skipped by its ``found_inf = 1 - keep``
+    (GradScaler's gate; on CUDA read by the kernel on the device). Otherwise a ``_foreach``
+    composition, in chunks of at most the largest tensor (two temporaries of that size at
+    once); it needs finite ``grads`` for a gated write to be exact, so it zeroes their
+    non-finite entries in place first.
     """
     if not params:
         return
     params, grads, m, v = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+    if fused is None:
+        fused = fused_adamw_supported(params + grads + m + v, list(steps))
+    if fused:
+        found_inf = (1.0 - keep).to(device=params[0].device, dtype=torch.float32)
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(params[0].device)
+        torch._fused_adamw_(
+            params, grads, m, v, [], list(steps), lr=lr, beta1=betas[0], beta2=betas[1],
+            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+            grad_scale=None, found_inf=found_inf,
+        )
+        return
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    largest = max(p.numel() for p in params)
+    start = 0
+    for chunk in _chunks([p.numel() for p in params], largest):
+        part = slice(start, start + chunk)
+        start += chunk
+        _foreach_adamw(params[part], grads[part], m[part], v[part], list(steps)[part], lr, betas,
+                       eps, weight_decay, keep)
+
+
+def fused_adamw_supported(tensors: Sequence[torch.Tensor], steps: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these tensors (parameters, gradients, moments)
+    and step counters: one floating dtype and one device of a type torch lists for its fused
+    kernels, float32 counters on that device."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    first = tensors[0]
+    return (
+        first.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        and first.device.type in _get_fused_kernels_supported_devices()
+        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+        and all(s.dtype == torch.float32 and s.device == first.device for s in steps)
+    )
+
+
+def _chunks(numels: Sequence[int], limit: int) -> list[int]:
+    """Lengths of consecutive runs of tensors with at most ``limit`` elements together (at
+    least one tensor each)."""
+    out: list[int] = []
+    size = 0
+    for n in numels:
+        if not out or size + n > limit:
+            out.append(0)
+            size = 0
+        out[-1] += 1
+        size += n
+    return out
+
+
+def _foreach_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
+                   v: list[torch.Tensor], steps: list[torch.Tensor], lr: float,
+                   betas: tuple[float, float], eps: float, weight_decay: float,
+                   keep: torch.Tensor) -> None:
+    """:func:`adamw_` without the fused kernel, for one chunk (finite ``grads``)."""
     beta1, beta2 = betas
     dtype = m[0].dtype
     # m <- m + (1 - b1)·keep·(g - m),  v <- v + (1 - b2)·keep·(g² - v)

@@ -511,8 +511,9 @@ class HTMuon(Optimizer):
                   if _local(p.grad).numel()]
         local_grads = [g for _, g in named]
         flag, finite, device = _nonfinite_flag(local_grads)
-        for g in local_grads:  # finite from here on, so that a gated (skipped) write is exact
-            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        for g in grads:  # finite from here on, so that a gated (skipped) write is exact
+            if g is not None:  # (AdamW's fused kernel skips by its own flag instead)
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         if mset is not None:
             pattern = mset.pattern()
             check = pattern != mset.local_pattern
@@ -598,30 +599,30 @@ class HTMuon(Optimizer):
                       f"{new} since the last check")
 
     def _adamw_step(self, adamw, keep: torch.Tensor) -> None:
-        """AdamW per param group, in chunks that bound the temporaries by the largest chunk
-        rather than by all AdamW parameters together; every write gated by ``keep``."""
+        """AdamW per param group (:func:`functional.adamw_`: torch's fused kernel where it
+        exists, else chunked ``_foreach``), every write gated by ``keep`` on the device."""
         by_group: dict[int, tuple[dict, list[torch.Tensor]]] = {}
         for p, group in adamw:
             by_group.setdefault(id(group), (group, []))[1].append(p)
         for group, params in by_group.values():
             device = _local(params[0]).device
             gate = keep.to(device)
+            states = []
             for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"].add_(gate)
-            for chunk in _chunks(params, max(p.numel() for p in params)):
-                states = [self.state[p] for p in chunk]
-                F.adamw_(
-                    [_local(p) for p in chunk], [_local(p.grad) for p in chunk],
-                    [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states],
-                    [s["step"] for s in states],
-                    lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                    weight_decay=group["weight_decay"], keep=gate,
-                )
+                states.append(state)
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, gate)
+            F.adamw_(
+                [_local(p) for p in params], [_local(p.grad) for p in params],
+                [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states],
+                steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                weight_decay=group["weight_decay"], keep=gate,
+            )
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, plus: the state's shapes are checked against the parameters (naming
@@ -683,26 +684,19 @@ def _check_dense(matrices: Sequence[MatrixEntry], adamw) -> None:
 
 def _nonfinite_flag(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.device]]:
     """Whether any of ``grads`` holds a NaN/Inf, as a 0-d tensor left on the device (no host
-    synchronisation here), the per-tensor "all finite" flags, and that device."""
+    synchronisation here), the per-tensor "all finite" flags, and that device.
+
+    One ``_foreach_norm(inf)`` over the list (the largest magnitude of each tensor: NaN or Inf
+    exactly when the tensor holds one, and unlike the 2-norm it cannot overflow)."""
     if not grads:
         none = torch.zeros((), dtype=torch.bool)
         return none, none.reshape(1), None
     device = grads[0].device
-    ok = torch.stack([torch.isfinite(g).all().to(device) for g in grads])
+    peaks = torch._foreach_norm(list(grads), float("inf"))
+    if any(t.device != device or t.dtype != peaks[0].dtype for t in peaks):
+        peaks = [t.to(device=device, dtype=torch.float32) for t in peaks]
+    ok = torch.isfinite(torch.stack(peaks))
     return ~ok.all(), ok, device
-
-
-def _chunks(params: list[torch.Tensor], numel: int) -> list[list[torch.Tensor]]:
-    """Consecutive tensors in lists of at most ``numel`` elements (at least one each)."""
-    out: list[list[torch.Tensor]] = []
-    size = 0
-    for p in params:
-        if not out or size + p.numel() > numel:
-            out.append([])
-            size = 0
-        out[-1].append(p)
-        size += p.numel()
-    return out
 
 
 def attach_fsdp1(optimizer: HTMuon, model: torch.nn.Module) -> HTMuon:

@@ -10,53 +10,38 @@ by a per-row second moment v (:func:`htmuon_dist.normuon.normuon_rescale`) befor
 v is replicated on every rank of the exchange group (docs/distributed.md).
 Every other parameter gets bias-corrected AdamW with decoupled weight decay.
 
-This module is the ``torch.optim.Optimizer`` facade: param groups, hyper-parameters,
-validation, state_dict and AdamW. The arithmetic lives in :mod:`htmuon_dist.functional`; the
-matrices of each partition form a :class:`~htmuon_dist.distributed.matrix_set.MatrixSet`
-(placements, state views, the update callbacks), whose
+This module is the ``torch.optim.Optimizer`` facade: param groups, hyper-parameters, the
+step's order and AdamW's state. The rest lives in small modules: argument and group checks in
+:mod:`htmuon_dist.group_options`, the non-finite flag and skip counts in
+:mod:`htmuon_dist.nonfinite`, the additions to ``load_state_dict`` in
+:mod:`htmuon_dist.state_loading`, the arithmetic in :mod:`htmuon_dist.functional`. The matrices
+of each partition form a :class:`~htmuon_dist.distributed.matrix_set.MatrixSet` (built by
+:mod:`htmuon_dist.distributed.set_builder`), whose
 :class:`~htmuon_dist.distributed.engine.ExchangeEngine` streams them bucket by bucket through
-their owners. With one process (or DDP) the same code runs with whole matrices.
+their owners. With one process (or DDP) the same code runs with whole matrices. DeepSpeed and
+Accelerate guards are the integration layer's (:mod:`htmuon_dist.integrations`).
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
 
 from . import functional as F
-from .distributed.backends import describe_params, zero
-from .distributed.engine import ExchangeEngine, SpectralSpec
-from .distributed.matrix_set import METHOD_STATE, NORMUON_STATE, MatrixEntry, MatrixSet
-from .distributed.windowed import split_placement
-from .matrix_views import matrix_windows
-from .integrations import install_guards
-from .spectral import check_power, get_method, grouped as spectral_grouped, validate_power
+from . import group_options as options
+from . import state_loading
+from .distributed import set_builder
+from .distributed.backends import zero
+from .distributed.engine import ExchangeEngine
+from .distributed.matrix_set import METHOD_STATE, NORMUON_STATE, MatrixEntry, MatrixSet, local as _local
+from .integrations import apply_build_guards
+from .nonfinite import SkipCounter, nonfinite_flag
+from .spectral import get_method, grouped as spectral_grouped
 
-_HTMUON_KEYS = (
-    "lr", "power", "momentum", "nesterov", "weight_decay", "method", "rtol", "interval",
-    "adjust_lr_fn", "normuon", "normuon_beta2", "stack_dims", "row_blocks",
-)
-# State that stays float32 whatever the parameter's dtype (torch's load casts to it).
-_FLOAT32_STATE = (NORMUON_STATE, METHOD_STATE)
-# State shaped like the parameter (checked at load_state_dict).
-_SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", METHOD_STATE)
-_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
-# What the interval variant runs between its exact steps: Muon's Newton-Schulz polar factor.
-_MUON_SPEC = SpectralSpec(power=0.0, method="ns5", rtol=None)
-
-
-def _ndim(p: torch.Tensor) -> int:
-    """Dimensions of the parameter's real shape (DeepSpeed ZeRO-3 partitions report 1-D)."""
-    return len(zero.logical_shape(p))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a (possibly DTensor) tensor, as a plain tensor aliasing it."""
-    return t.to_local() if hasattr(t, "to_local") else t
+# Names this module exported before the split (kept for importers).
+__all__ = ["HTMuon", "attach_fsdp1", "METHOD_STATE", "NORMUON_STATE"]
 
 
 class HTMuon(Optimizer):
@@ -143,22 +128,7 @@ class HTMuon(Optimizer):
         bucket_numel: Optional[int] = None,
         check_every: Optional[int] = 100,
     ) -> None:
-        if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
-            raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if nonfinite_patience is not None and not (
-            isinstance(nonfinite_patience, int) and nonfinite_patience >= 1
-        ):
-            raise ValueError(
-                f"nonfinite_patience must be a positive int or None, got {nonfinite_patience!r}"
-            )
-        if bucket_numel is not None and not (isinstance(bucket_numel, int) and bucket_numel >= 1):
-            raise ValueError(f"bucket_numel must be a positive int or None, got {bucket_numel!r}")
-        if comm_dtype is not None and not (
-            isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point
-        ):
-            raise ValueError(f"comm_dtype must be a floating torch.dtype or None, got {comm_dtype!r}")
+        options.check_arguments(check_every, nonfinite, nonfinite_patience, bucket_numel, comm_dtype)
         self._htmuon_defaults = dict(
             lr=lr, power=power, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             method=method, rtol=rtol, interval=interval, adjust_lr_fn=adjust_lr_fn,
@@ -173,9 +143,7 @@ class HTMuon(Optimizer):
         self.comm_dtype = comm_dtype
         self.bucket_numel = bucket_numel
         self.check_every = check_every
-        # skipped steps on the device: (total, current run, longest run since the last check)
-        self._skips: Optional[torch.Tensor] = None
-        self._skipped_seen = 0
+        self._skips = SkipCounter()  # skipped steps, on the device
         self._adamw_calls = 0
         self._fsdp1_registry: dict = {}
         # key -> matrix set; one, or one per flat partition under ZeRO (DeepSpeed steps each
@@ -189,221 +157,59 @@ class HTMuon(Optimizer):
             raise ValueError("HTMuon got an empty parameter list")
         if not isinstance(groups[0], dict):
             groups = [{"params": groups}]
-        super().__init__([g for group in groups for g in self._split(group)], {})
-        self._use_muon_guards = install_guards(self)
+        super().__init__([g for group in groups for g in options.split_group(group)], {})
+        self._guard_handles = apply_build_guards(self)
 
     # -- param groups ------------------------------------------------------------------------
 
-    def _split(self, group: dict) -> list[dict]:
-        """A group without "htmuon" becomes a matrix group and an AdamW group."""
-        group = dict(group)
-        params = group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if "htmuon" in group:
-            group["params"] = params
-            return [group]
-        names = group.pop("param_names", None)
-        out = []
-        for is_matrix in (True, False):
-            chosen = [i for i, p in enumerate(params) if (_ndim(p) >= 2) == is_matrix]
-            if not chosen:
-                continue
-            if is_matrix:  # the group's own keys are HTMuon's; adamw_* keys go to the other half
-                sub = {k: v for k, v in group.items() if not k.startswith("adamw_")}
-            else:
-                sub = {k: v for k, v in group.items() if k not in _HTMUON_KEYS}
-            sub.update(params=[params[i] for i in chosen], htmuon=is_matrix)
-            if names is not None:
-                sub["param_names"] = [names[i] for i in chosen]
-            out.append(sub)
-        return out
-
     def add_param_group(self, param_group: dict) -> None:
-        """Adds a group, filling HTMuon or AdamW defaults and validating them."""
+        """Adds a group, filling HTMuon or AdamW defaults and validating them (a group without
+        ``"htmuon"`` is split by dimension first)."""
         if "htmuon" not in param_group:
-            for sub in self._split(param_group):
+            for sub in options.split_group(param_group):
                 self.add_param_group(sub)
             return
-        param_group = dict(param_group)
-        if param_group["htmuon"]:
-            defaults = self._htmuon_defaults
-        else:
-            defaults = self._adamw_defaults
-            for key in _ADAMW_KEYS:  # "adamw_lr" in an AdamW group means its "lr"
-                if f"adamw_{key}" in param_group:
-                    param_group[key] = param_group.pop(f"adamw_{key}")
-        for key, value in defaults.items():
-            param_group.setdefault(key, value)
-        self._validate_group(param_group)
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = options.fill_defaults(param_group, self._htmuon_defaults, self._adamw_defaults)
+        options.validate_group(param_group)
+        params = options.param_list(param_group["params"])
         names = param_group.get("param_names") or [
             f"param_groups[{len(self.param_groups)}].params[{j}]" for j in range(len(params))
         ]
         zero.check_not_tagged(params, names)
         if param_group["htmuon"]:
-            if param_group["row_blocks"] is not None:
-                param_group["row_blocks"] = tuple(int(b) for b in param_group["row_blocks"])
-            for p, name in zip(params, names):  # refuses bad stack_dims / row_blocks now
-                shape = zero.logical_shape(p)
-                if len(shape) >= 2:  # FSDP1 flattens parameters to 1-D: checked at the first step
-                    matrix_windows(shape, param_group["stack_dims"], param_group["row_blocks"], name)
+            options.check_windows(param_group, params, names)
         super().add_param_group(param_group)
         self._origins.append((self.param_groups[-1], params, list(names)))
         self._sets.clear()
 
-    def _validate_group(self, group: dict) -> None:
-        params = group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(
-                f"a param group mixes devices {sorted(map(str, devices))}; move the model to one "
-                f"device before building the optimizer (or use one group per device)"
-            )
-        name = "lr" if group["htmuon"] else "adamw_lr"
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() == 1 and not lr.requires_grad:
-            pass  # a tensor lr (LR schedulers with capturable optimizers) is a number too
-        elif isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise ValueError(f"{name} must be a number, got {type(lr).__name__} {lr!r}")
-        if not 0.0 <= float(lr):
-            raise ValueError(f"{name} must be >= 0, got {lr}")
-        names = group.get("param_names") or [f"params[{j}]" for j in range(len(params))]
-        for p, pname in zip(params, names):
-            if p.is_complex():
-                raise ValueError(
-                    f"{pname}: HTMuon does not support complex parameters ({p.dtype}); use real "
-                    f"tensors (e.g. torch.view_as_real) or another optimizer for this one"
-                )
-        if group["htmuon"]:
-            group["power"] = validate_power(group["power"])
-            method = get_method(group["method"])
-            if method.powers == "zero" and group["power"] != 0.0:
-                raise ValueError(
-                    f"method={group['method']!r} computes Muon's polar factor only; it needs "
-                    f"power=0 (got {group['power']}), or choose an HTMuon method"
-                )
-            if not 0.0 <= group["momentum"] < 1.0:
-                raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
-            if group["interval"] is not None and (
-                not isinstance(group["interval"], int) or group["interval"] < 1
-            ):
-                raise ValueError(f"interval must be a positive int or None, got {group['interval']!r}")
-            if group["adjust_lr_fn"] not in F.ADJUST_LR_FNS:
-                raise ValueError(
-                    f"adjust_lr_fn must be one of {F.ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
-                )
-            check_power(group["method"], group["power"])
-            if not isinstance(group["normuon"], bool):
-                raise ValueError(
-                    f"normuon must be True or False (NorMuon's per-row normalisation), got "
-                    f"{group['normuon']!r}"
-                )
-            beta2 = group["normuon_beta2"]
-            if isinstance(beta2, bool) or not isinstance(beta2, (int, float)) or not 0.0 <= beta2 < 1.0:
-                raise ValueError(
-                    f"normuon_beta2 must be a number in [0, 1) (the reference uses 0.95), got {beta2!r}"
-                )
-        else:
-            beta1, beta2 = group["betas"]
-            if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-                raise ValueError(f"adamw_betas must be in [0, 1), got {group['betas']}")
-            if not group["eps"] > 0.0:
-                raise ValueError(f"adamw_eps must be > 0, got {group['eps']}")
+    @property
+    def param_origins(self) -> list[tuple[dict, list[torch.Tensor], list[str]]]:
+        """(group, original parameters, names) per param group: under DeepSpeed ZeRO a group's
+        "params" become one flat partition, and the originals carry its metadata."""
+        return list(self._origins)
 
     # -- distribution ------------------------------------------------------------------------
 
-    def _origin_of(self, group: dict) -> Optional[tuple[dict, list[torch.Tensor], list[str]]]:
-        for origin in self._origins:
-            if origin[0] is group:
-                return origin
-        return None
-
-    def _zero_members(self, group: dict) -> Optional[list[tuple[torch.Tensor, str]]]:
-        """The original (param, name) pairs inside the group's DeepSpeed ZeRO flat partition, or
-        None when the group holds ordinary parameters."""
-        params = group["params"]
-        origin = self._origin_of(group)
-        if origin is None or len(params) != 1 or not origin[1]:
-            return None
-        flat, originals = params[0], origin[1]
-        if any(flat is p for p in originals) or not any(zero.is_zero_param(p) for p in originals):
-            return None
-        zero.check_not_tagged(originals, origin[2])
-        return zero.members_of_flat(flat, list(zip(originals, origin[2])))
-
     def _matrix_params(self) -> list[MatrixEntry]:
         """The matrices of every HTMuon group, in order (a ZeRO flat partition holds several)."""
-        out = []
-        for g_index, group in enumerate(self.param_groups):
-            if not group["htmuon"]:
-                continue
-            members = self._zero_members(group)
-            if members is not None:  # one flat partition holding several matrices
-                out.extend(MatrixEntry(group["params"][0], group, name, p) for p, name in members)
-                continue
-            names = group.get("param_names")
-            for j, p in enumerate(group["params"]):
-                name = names[j] if names else f"param_groups[{g_index}].params[{j}]"
-                out.append(MatrixEntry(p, group, name, None))
-        return out
-
-    def _spec(self, group: dict) -> SpectralSpec:
-        return SpectralSpec(power=float(group["power"]), method=group["method"], rtol=group["rtol"])
+        return set_builder.matrix_entries(self.param_groups, self._origins)
 
     def _matrix_set(self, matrices: list[MatrixEntry]) -> MatrixSet:
         """The matrix set of these matrices, built at its first step (collective: layouts,
         plan): Accelerate swaps parameters after construction, and under ZeRO each flat
         partition is its own set."""
-        key = tuple((id(e.param), e.name, id(e.origin)) for e in matrices) + tuple(
-            (e.group["power"], e.group["method"], e.group["rtol"], e.group["normuon"],
-             e.group["stack_dims"], e.group["row_blocks"]) for e in matrices
-        )
+        key = set_builder.set_key(matrices)
         found = self._sets.get(key)
         if found is not None:
             return found
-        described = describe_params([e.param for e in matrices], [e.name for e in matrices],
-                                    self._fsdp1_registry, self.process_group,
-                                    zero_origins=[e.origin for e in matrices])
-        matrices, placements = self._windows(matrices, described.placements, described.group)
-        engine = ExchangeEngine(
-            shapes=[pl.shape for pl in placements],
-            local_ranges=[pl.local_range for pl in placements],
-            specs=[self._spec(e.group) for e in matrices],
-            names=[e.name for e in matrices],
-            group=described.group,
-            comm_dtype=self.comm_dtype,
-            bucket_numel=self.bucket_numel,
-            domains=described.domains,
-            row_state_numels=[pl.shape[0] if e.group["normuon"] else 0
-                              for pl, e in zip(placements, matrices)],
+        mset = set_builder.build_matrix_set(
+            matrices, fsdp1_registry=self._fsdp1_registry, process_group=self.process_group,
+            comm_dtype=self.comm_dtype, bucket_numel=self.bucket_numel,
         )
-        mset = MatrixSet(matrices, placements, engine, described.backend)
-        if described.backend != "zero":  # a new parameter set replaces the old one
+        if mset.backend != "zero":  # a new parameter set replaces the old one
             self._sets.clear()
         self._sets[key] = mset
         return mset
-
-    def _windows(self, matrices: list[MatrixEntry], placements, group) -> tuple[list, list]:
-        """Each parameter's placement cut into its matrix windows (``stack_dims``,
-        ``row_blocks``): one engine matrix per expert / row block, named ``name[e].rows[a:b]``."""
-        rank = dist.get_rank(group) if group is not None else 0
-        out_m, out_p = [], []
-        for e, placement in zip(matrices, placements):
-            flat = self._fsdp1_registry.get(id(e.param))  # FSDP1 views are 1-D: the original shape
-            shape = flat.shape if flat is not None else zero.logical_shape(e.origin if e.origin is not None else e.param)
-            windows = matrix_windows(shape, e.group["stack_dims"], e.group["row_blocks"], e.name)
-            split = split_placement(placement, windows, rank, e.name)
-            multi = any(not isinstance(pl.local_range[0], int) for pl in split)
-            if multi and get_method(e.group["method"]).stateful:
-                raise ValueError(
-                    f"{e.name}: method={e.group['method']!r} keeps state per matrix, which tensor-"
-                    f"parallel pieces cannot address yet; use a stateless method (eigh, gram32, ...)"
-                )
-            out_m.extend(MatrixEntry(e.param, e.group, e.name + w.label, e.origin) for w in windows)
-            out_p.extend(split)
-        return out_m, out_p
 
     @property
     def matrix_sets(self) -> list[MatrixSet]:
@@ -501,7 +307,8 @@ class HTMuon(Optimizer):
         matrices = self._matrix_params()
         adamw = [(p, g) for g in self.param_groups if not g["htmuon"] for p in g["params"]
                  if p.grad is not None]
-        _check_dense(matrices, adamw)
+        options.check_dense([(e.name, e.param.grad) for e in matrices]
+                            + [(f"adamw param {j} {tuple(p.shape)}", p.grad) for j, (p, _) in enumerate(adamw)])
         mset = self._matrix_set(matrices) if matrices else None
         if mset is not None:
             matrices = mset.entries  # one entry per matrix window (expert, row block)
@@ -510,7 +317,7 @@ class HTMuon(Optimizer):
         named += [(f"adamw param {j} {tuple(p.shape)}", _local(p.grad)) for j, (p, _) in enumerate(adamw)
                   if _local(p.grad).numel()]
         local_grads = [g for _, g in named]
-        flag, finite, device = _nonfinite_flag(local_grads)
+        flag, finite, device = nonfinite_flag(local_grads)
         for g in grads:  # finite from here on, so that a gated (skipped) write is exact
             if g is not None:  # (AdamW's fused kernel skips by its own flag instead)
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
@@ -527,7 +334,8 @@ class HTMuon(Optimizer):
                 check = True
                 mset.engine.agree(mset.first_step_number(self.state), mset.has_piece())
             specs = [
-                _MUON_SPEC if e.group["interval"] and step_no % e.group["interval"] != 0 else self._spec(e.group)
+                set_builder.MUON_SPEC if e.group["interval"] and step_no % e.group["interval"] != 0
+                else set_builder.spectral_spec(e.group)
                 for e in matrices
             ]
             local_flag = flag if device is not None else torch.zeros((), device=mset.device)
@@ -538,65 +346,19 @@ class HTMuon(Optimizer):
             dev = device or torch.device("cpu")
             keep = 1.0 - flag.to(dev, torch.float32) if device is not None else torch.ones((), device=dev)
         self._adamw_step(adamw, keep)
-        self._count(keep)
+        self._skips.count(keep)
         if check:
-            self._check_nonfinite([n for n, _ in named], finite)
+            self._skips.check([n for n, _ in named], finite, self.nonfinite, self.nonfinite_patience)
         return loss
 
     def _due(self, step_no: int) -> bool:
         return self.check_every is not None and step_no % self.check_every == 0
 
-    def _count(self, keep: torch.Tensor) -> None:
-        """Device-side skip bookkeeping: total skipped, the current run and the longest run
-        since the last check (float32 (3,), never read in the step)."""
-        skipped = 1.0 - keep.to(torch.float32)
-        if self._skips is None or self._skips.device != skipped.device:
-            self._skips = torch.zeros(3, dtype=torch.float32, device=skipped.device)
-        total, run, longest = self._skips.unbind()
-        total.add_(skipped)
-        run.mul_(skipped).add_(skipped)
-        torch.maximum(longest, run, out=longest)
-
-    def _read_skips(self) -> tuple[int, int, int]:
-        """(skipped steps, current run, longest run since the last check): a host read."""
-        if self._skips is None:
-            return 0, 0, 0
-        total, run, longest = (int(x) for x in self._skips.tolist())
-        return total, run, longest
-
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (read from the device when asked: a host
         synchronisation, so read it at logging time)."""
-        return self._read_skips()[0]
-
-    def _check_nonfinite(self, names: Sequence[str], finite: torch.Tensor) -> None:
-        """At a check: warn about the steps skipped since the last check, and raise for
-        ``nonfinite="raise"`` or when ``nonfinite_patience`` steps in a row were skipped."""
-        total, run, longest = self._read_skips()
-        new = total - self._skipped_seen
-        self._skipped_seen = total
-        if self._skips is not None:
-            self._skips[2].copy_(self._skips[1])  # the longest run restarts from the current one
-        if not new:
-            return
-        bad = [n for n, ok in zip(names, finite.tolist()) if not ok] if run else []
-        where = ", ".join(bad) if bad else "on another rank, or in an earlier step"
-        if self.nonfinite == "raise":
-            raise FloatingPointError(
-                f"HTMuon: non-finite gradient ({where}); {new} step(s) since the last check "
-                f"were skipped and nothing was updated. Lower the lr, clip gradients, or pass "
-                f"nonfinite='skip' to skip such steps"
-            )
-        if self.nonfinite_patience is not None and longest >= self.nonfinite_patience:
-            raise FloatingPointError(
-                f"HTMuon: {longest} steps in a row had non-finite gradients "
-                f"(last: {where}); the run is diverging rather than hitting a rare spike. Lower "
-                f"the lr, clip gradients, or resume from an earlier checkpoint (nonfinite_patience="
-                f"{self.nonfinite_patience})"
-            )
-        warnings.warn(f"HTMuon: skipped a step with non-finite gradients ({where}); "
-                      f"{new} since the last check")
+        return self._skips.read()[0]
 
     def _adamw_step(self, adamw, keep: torch.Tensor) -> None:
         """AdamW per param group (:func:`functional.adamw_`: torch's fused kernel where it
@@ -629,34 +391,13 @@ class HTMuon(Optimizer):
         the parameter), NorMuon's v and the method state stay float32, step counters move to
         the parameter's device, and the matrix sets are rebuilt at the next step."""
         before = list(self.param_groups)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         names = {id(p): n for _, ps, ns in self._origins for p, n in zip(ps, ns)}
-        for j, saved in enumerate(saved_ids[: len(params)]):
-            st = state_dict["state"].get(saved, {})
-            p = params[j]
-            for key in _SHAPED_STATE:
-                value = st.get(key)
-                if isinstance(value, torch.Tensor) and value.numel() != p.numel():
-                    name = names.get(id(p), f"parameter {j}")
-                    raise ValueError(
-                        f"{name}: the state {key!r} being loaded has shape {tuple(value.shape)}, "
-                        f"the parameter {tuple(p.shape)}; was the checkpoint saved from another "
-                        f"model or partitioning?"
-                    )
-        # torch casts floating state to the parameter's dtype; NorMuon's v and the method state
-        # stay float32 (the same mapping from saved ids to parameters as torch's).
-        kept = [
-            (params[j], key, st[key])
-            for j, saved in enumerate(saved_ids) if j < len(params)
-            for st in [state_dict["state"].get(saved, {})] for key in _FLOAT32_STATE if key in st
-        ]
+        state_loading.check_shapes(state_dict, params,
+                                   lambda j: names.get(id(params[j]), f"parameter {j}"))
+        kept = state_loading.float32_entries(state_dict, params)
         super().load_state_dict(state_dict)
-        for p, key, value in kept:
-            self.state[p][key] = value.detach().to(device=_local(p).device, dtype=torch.float32).clone()
-        for p, st in self.state.items():
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].to(device=_local(p).device, dtype=torch.float32)
+        state_loading.restore_after_load(self.state, kept)
         # torch replaces the group dicts: carry each group's originals over to its new dict.
         by_group = {id(origin[0]): origin for origin in self._origins}
         self._origins = [
@@ -664,39 +405,6 @@ class HTMuon(Optimizer):
             for old, new in zip(before, self.param_groups) if id(old) in by_group
         ]
         self._sets.clear()  # rebuilt at the next step from the (possibly new) parameters
-
-
-def _check_dense(matrices: Sequence[MatrixEntry], adamw) -> None:
-    """Refuses sparse gradients before anything is touched, naming the parameter."""
-    for e in matrices:
-        if e.param.grad is not None and e.param.grad.is_sparse:
-            raise ValueError(
-                f"{e.name}: HTMuon got a sparse gradient (nn.Embedding(sparse=True)?); it needs "
-                f"dense gradients: use sparse=False"
-            )
-    for j, (p, _) in enumerate(adamw):
-        if p.grad.is_sparse:
-            raise ValueError(
-                f"adamw param {j} {tuple(p.shape)}: HTMuon got a sparse gradient "
-                f"(nn.Embedding(sparse=True)?); it needs dense gradients: use sparse=False"
-            )
-
-
-def _nonfinite_flag(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.device]]:
-    """Whether any of ``grads`` holds a NaN/Inf, as a 0-d tensor left on the device (no host
-    synchronisation here), the per-tensor "all finite" flags, and that device.
-
-    One ``_foreach_norm(inf)`` over the list (the largest magnitude of each tensor: NaN or Inf
-    exactly when the tensor holds one, and unlike the 2-norm it cannot overflow)."""
-    if not grads:
-        none = torch.zeros((), dtype=torch.bool)
-        return none, none.reshape(1), None
-    device = grads[0].device
-    peaks = torch._foreach_norm(list(grads), float("inf"))
-    if any(t.device != device or t.dtype != peaks[0].dtype for t in peaks):
-        peaks = [t.to(device=device, dtype=torch.float32) for t in peaks]
-    ok = torch.isfinite(torch.stack(peaks))
-    return ~ok.all(), ok, device
 
 
 def attach_fsdp1(optimizer: HTMuon, model: torch.nn.Module) -> HTMuon:

@@ -20,7 +20,8 @@ DeepSpeed and Accelerate do not do, or do silently:
 
 :func:`check_config` runs them on a config; :func:`initialize` runs them and then
 ``deepspeed.initialize``; :func:`check_accelerate` runs them on Accelerate's active DeepSpeed
-plugin, and HTMuon calls it at construction when an Accelerator with DeepSpeed exists.
+plugin. :func:`deepspeed_build_guard`, registered with :mod:`htmuon_dist.integrations`, runs
+it and installs :func:`guard_use_muon` on every new HTMuon.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from typing import Any, Optional, Union
 
 import torch
 
+from . import register_build_guard
+
 __all__ = ["DeepSpeedConfigError", "check_config", "check_accelerate", "initialize", "load_config",
-           "guard_use_muon"]
+           "guard_use_muon", "deepspeed_build_guard"]
 
 ConfigLike = Union[dict, str, os.PathLike]
 
@@ -229,3 +232,12 @@ def guard_use_muon(origins: list) -> list:
 
             handles.append(p.register_post_accumulate_grad_hook(check))
     return handles
+
+
+@register_build_guard
+def deepspeed_build_guard(optimizer: Any) -> list:
+    """HTMuon's build guard for DeepSpeed (:mod:`htmuon_dist.integrations`): Accelerate's
+    DeepSpeed config checked now (:func:`check_accelerate`), and :func:`guard_use_muon` on the
+    optimizer's original parameters. Returns the hook handles."""
+    check_accelerate(optimizer)
+    return guard_use_muon(optimizer.param_origins)

@@ -20,7 +20,9 @@ ranks, batch 2 x 64 tokens per rank, ``--train-steps`` (default 3) steps of forw
 (``torch.optim.AdamW``), each in its own processes; per rank the process's peak RSS (VmHWM)
 over all steps, after each step, and the last step's times. One step is not enough: the first
 step creates the optimizer state, and AdamW's peak rises by about 1.3 GiB at 350M in the
-second (benchmarks/results/memory_cpu.txt). The trainer's ``/usr/bin/time -v`` maximum adds
+second (benchmarks/results/memory_cpu.txt). Each rank sets glibc's mmap threshold as the trainer
+does (``--malloc_mmap_threshold``, training/memory.py: 1 MiB from 100M parameters up), without
+which both peaks are ~0.7 GiB higher from freed heap glibc keeps. The trainer's ``/usr/bin/time -v`` maximum adds
 what follows the steps (evaluation, the final checkpoint, the export's full state dict on
 rank 0); with ``--save_steps 0 --export_model false`` it measures the steps as this does.
 
@@ -136,15 +138,19 @@ def train_step_worker(rank: int, world: int, model: str, optimizer: str, steps: 
     backward has just freed), so the figure is the peak over all steps, as ``/usr/bin/time -v``
     reports for a training run."""
     from htmuon_dist.training.config import ModelArguments, TrainArguments
-    from htmuon_dist.training.model import build_model, load_llama_config, materialize
+    from htmuon_dist.training.memory import mmap_threshold_for, set_mmap_threshold
+    from htmuon_dist.training.model import build_model, count_parameters, load_llama_config, materialize
     from htmuon_dist.training.optim import build_optimizer, matrix_names
     from htmuon_dist.training.parallel import apply_fsdp2, clip_grad_norm
 
     torch.manual_seed(0)
     cfg = load_llama_config(ModelArguments(model=model))
-    net = build_model(cfg, on_meta=True, activation_checkpointing=False)
     t = TrainArguments(optimizer=optimizer, lr=1e-3, adamw_lr=1e-3, power=0.125,
                        spectral_method="eigh" if optimizer != "adamw" else None)
+    # the trainer's allocator setting (training/memory.py), before any weight exists
+    threshold = mmap_threshold_for(t.malloc_mmap_threshold, count_parameters(cfg))
+    set_mmap_threshold(threshold)
+    net = build_model(cfg, on_meta=True, activation_checkpointing=False)
     routed = matrix_names(net, "reference")
     net = apply_fsdp2(net, torch.device("cpu"), False, True)
     materialize(net, torch.device("cpu"), 0, 0.02)
@@ -164,7 +170,7 @@ def train_step_worker(rank: int, world: int, model: str, optimizer: str, steps: 
         opt_step.append(t2 - t1)
         peaks.append(_status("VmHWM"))
     return dict(case=f"train {model} fsdp2", world=world, rank=rank, optimizer=optimizer, steps=steps,
-                peak_rss_bytes=peaks[-1], peak_rss_after_step=peaks, fwd_bwd_s=fwd_bwd[-1], opt_step_s=opt_step[-1],
+                peak_rss_bytes=peaks[-1], peak_rss_after_step=peaks, mmap_threshold=threshold, fwd_bwd_s=fwd_bwd[-1], opt_step_s=opt_step[-1],
                 bound_bytes=opt.memory_bound() if hasattr(opt, "memory_bound") else None)
 
 

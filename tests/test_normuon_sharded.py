@@ -1,7 +1,7 @@
 """NorMuon / HTNorMuon sharded: FSDP2, FSDP1, DDP and DeepSpeed ZeRO-1/2/3 equal the
 single-process optimizer (gloo, CPU), v is identical on every rank of the exchange group
-(also ranks that hold no piece of a matrix, also with a bf16 wire), the traffic is the
-engine's formula plus the row state, and a DCP checkpoint saved at W loads at W'.
+(also ranks that hold no piece of a matrix, also with a bf16 wire), the traffic is
+each piece once each way plus the row state (tests/traffic_oracle.py), and a DCP checkpoint saved at W loads at W'.
 
 Tolerances: 5e-5 relative per parameter for the DTensor/DDP runs (tests/test_distributed.py
 uses 1e-5 for HTMuon; the residual is the order of the gradient sums). One matrix of the tiny
@@ -25,8 +25,8 @@ from dist_models import build, loss_fn, make_batches
 from htmuon_dist import HTMuon, param_groups
 from multirank import run_ranks
 from test_checkpoint_reshard import batches, phase_worker
-from test_distributed import (OPT, PER_RANK_BATCH, assert_same_on_every_rank, assert_same_params, expected_bytes,
-                              sharded_worker)
+from test_distributed import OPT, PER_RANK_BATCH, assert_same_on_every_rank, assert_same_params, sharded_worker
+from traffic_oracle import expected_sent, report_pieces
 
 pytestmark = pytest.mark.multirank
 
@@ -62,7 +62,7 @@ def reference(kind, world, steps, accum, opt_kwargs):
 
 
 def _report(opt: HTMuon) -> dict:
-    return {"v": _row_states(opt), "bound": opt.memory_bound()}
+    return {"v": _row_states(opt), "bound": opt.memory_bound(), **report_pieces(opt)}
 
 
 def worker(rank, world, kind, backend, steps, accum, opt_kwargs):
@@ -95,14 +95,13 @@ def test_sharded_normuon_equals_single_process(backend, world, kind, opt_kwargs)
     for r in results:
         assert_same_params(r["params"], want, tol=TOL)
     _assert_v(results, want_v)
-    # traffic: the engine's formula plus, per owned matrix, its m float32 row values to each
-    # of the W - 1 other ranks (sent even to ranks whose piece is empty)
+    # traffic from first principles (tests/traffic_oracle.py): each piece once to its owner and
+    # back, plus, per owned (m, n) matrix, m float32 values of v to each of the W - 1 others
     for rank, r in enumerate(results):
-        rows = sum(shape[0] for (shape, _), owner in zip(r["layouts"], r["owners"]) if owner == rank)
-        assert r["sent"] == [expected_bytes(r, rank) + (world - 1) * rows * 4] * steps
+        assert r["sent"] == [expected_sent(results, rank, backend, state="normuon")] * steps
         assert r["bound"] > 0
     if kind == "odd_no_empty":
-        assert any(any(e == s for s, e in ranges) for _, ranges in results[0]["layouts"])
+        assert any(piece.numel() == 0 for r in results for piece in r["oracle_local"])
 
 
 def test_bf16_wire_carries_v_bit_exactly_to_every_rank():
@@ -118,8 +117,7 @@ def test_bf16_wire_carries_v_bit_exactly_to_every_rank():
     exact = sum(int((v != v.bfloat16().float()).sum()) for v in first["v"].values())
     assert exact > 0, "every v value is bf16-representable: the test cannot see a rounding"
     for rank, r in enumerate(results):
-        rows = sum(shape[0] for (shape, _), owner in zip(r["layouts"], r["owners"]) if owner == rank)
-        assert r["sent"][0] == expected_bytes(r, rank, elem=2) + 2 * rows * 4
+        assert r["sent"][0] == expected_sent(results, rank, "ddp", elem=2, state="normuon")
     assert_same_params(first["params"], want, tol=5e-2)
 
 

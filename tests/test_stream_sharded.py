@@ -2,8 +2,8 @@
 stored like the parameter, carried to each owner and back by the exchange engine.
 
 FSDP2, FSDP1, DDP and DeepSpeed ZeRO-1/2/3 at W = 1..4 equal the single-process optimizer
-(fp32, gloo); the basis is bit-identical on every rank that holds it; the traffic is the
-engine's formula plus each rank's part of the basis both ways; a DCP checkpoint saved at W
+(fp32, gloo); the basis is bit-identical on every rank that holds it; the traffic is
+each piece and its part of the basis once each way (tests/traffic_oracle.py); a DCP checkpoint saved at W
 loads at W' with the basis, and the run continues exactly (a cold basis would not).
 
 Tolerance: 1e-4 relative per parameter, not 1e-5, because the method itself amplifies the
@@ -32,8 +32,8 @@ from htmuon_dist import HTMuon, param_groups
 from htmuon_dist.optimizer import METHOD_STATE
 from multirank import run_ranks
 from test_checkpoint_reshard import batches, phase_worker
-from test_distributed import (OPT, PER_RANK_BATCH, assert_same_on_every_rank, assert_same_params, expected_bytes,
-                              reference_run, sharded_worker)
+from test_distributed import OPT, PER_RANK_BATCH, assert_same_on_every_rank, assert_same_params, reference_run, sharded_worker
+from traffic_oracle import expected_sent, report_pieces
 
 pytestmark = pytest.mark.multirank
 
@@ -55,26 +55,11 @@ def _bases(opt: HTMuon) -> dict[str, torch.Tensor]:
 
 
 def _report(opt: HTMuon) -> dict:
-    return {"bases": _bases(opt), "stream_error": opt.stream_error()}
+    return {"bases": _bases(opt), "stream_error": opt.stream_error(), **report_pieces(opt)}
 
 
 def worker(rank, world, kind, backend, steps, accum, opt_kwargs):
     return sharded_worker(rank, world, kind, backend, steps, accum, opt_kwargs, report=_report)
-
-
-def _state_bytes(result, rank) -> int:
-    """Float32 bytes of the basis parts that rank sends (gather) and that its owned matrices
-    send back (scatter) per step: a rank's part of an (m, n) matrix's state is its range
-    clipped to [0, min(m, n)^2)."""
-    total = 0
-    for (shape, ranges), owner, sources in zip(result["layouts"], result["owners"], result["sources"]):
-        k = min(shape) ** 2
-        part = lambda rng: min(rng[1], k) - min(rng[0], k)  # noqa: E731
-        if owner != rank:
-            total += part(sources[rank])
-        else:
-            total += sum(part(rng) for r, rng in enumerate(ranges) if r != rank)
-    return 4 * total
 
 
 @pytest.mark.parametrize("backend,world,kind", [
@@ -91,7 +76,8 @@ def test_sharded_stream_equals_single_process(backend, world, kind):
     for r in results:
         assert_same_params(r["params"], want, tol=TOL)
     for rank, r in enumerate(results):
-        assert r["sent"] == [expected_bytes(r, rank) + _state_bytes(r, rank)] * steps, rank
+        # first principles (tests/traffic_oracle.py): pieces and basis parts, each once each way
+        assert r["sent"] == [expected_sent(results, rank, backend, state="stream")] * steps, rank
         assert r["stream_error"] == results[0]["stream_error"] and 0.0 <= r["stream_error"] < 1.0
     if backend in ("fsdp2", "ddp"):  # the basis of every matrix: orthonormal, on every rank
         assert_same_on_every_rank([r["bases"] for r in results])

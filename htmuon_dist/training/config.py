@@ -149,6 +149,9 @@ class TrainArguments:
     malloc_trim_steps: int = field(
         default=200, metadata={"help": "return freed heap memory to the OS (glibc malloc_trim) every N steps and after each checkpoint; 0 = never"}
     )
+    malloc_mmap_threshold: int = field(
+        default=-1, metadata={"help": "glibc's mmap threshold in bytes, fixed at start-up: freed blocks of this size or more go back to the OS at once; -1 = auto (1 MiB for models of >= 100M parameters: -0.8 GiB peak RSS at 350M on CPU), 0 = glibc's dynamic default"}
+    )
     preempt_signals: str = field(
         default="SIGTERM,SIGUSR1",
         metadata={"help": "signals that make every rank finish the current step, checkpoint and exit with status 75 "

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import faults
 from .config import Config, ConfigError, resolve, size_key
 from .data import TokenStream, eval_batches, load_documents, load_tokenizer
-from .memory import malloc_trim
+from .memory import malloc_trim, mmap_threshold_for, set_mmap_threshold
 from .metrics import MetricsWriter, plot_losses
 from .model import build_model, count_parameters, describe, export_pretrained, load_llama_config, materialize
 from .optim import build_optimizer, build_scheduler, matrix_names, matrix_splits
@@ -215,6 +215,8 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
     if d.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(f"--seq_len {d.seq_len} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}")
     n_params = count_parameters(model_cfg)
+    # before any weight exists: the blocks allocated from here on follow the fixed threshold
+    set_mmap_threshold(mmap_threshold_for(t.malloc_mmap_threshold, n_params))
     # Build on the meta device when FSDP2 will shard it: no rank ever holds the whole model.
     on_meta = strategy == "fsdp2"
     act_ckpt = m.activation_checkpointing or os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"

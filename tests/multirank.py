@@ -11,6 +11,12 @@ FSDP2-on-gloo teardown sometimes aborts a process there ("terminate called witho
 exception", exit -6; docs/upstream/fsdp2_gloo_exit_abort.md); such an abort after the result
 is printed to stderr (visible in the test log) and counted in :data:`EXIT_ABORTS`, and is not
 a failure. A rank that dies before writing its result fails the call as before.
+
+Ranks are forked from one ``forkserver`` per test session that has imported torch, its
+distributed packages and this library once (:data:`PRELOAD`): a spawned rank spent 3-6 s of
+every multi-rank test importing them again. The server holds no threads and no process group,
+so each fork starts clean. A rank gets the parent's environment *as of the call* (the server's
+own is from its start), so tests that set variables before ``run_ranks`` still see them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+# Imported once in the fork server; a module missing here is imported by each rank as before.
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp",
+           "torch.distributed.checkpoint", "torch.nn.parallel", "htmuon_dist",
+           "transformers.models.llama.modeling_llama"]
+
 # (world size, rank, exit code) of every rank that exited non-zero after writing its result.
 EXIT_ABORTS: list[tuple[int, int, int]] = []
 
@@ -36,7 +47,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, out_dir, pg_timeout):
+def _context():
+    """The fork-server context, preloading :data:`PRELOAD` (set once: the server starts on first use)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _worker(rank, world, port, fn, args, out_dir, pg_timeout, env):
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1")
@@ -67,10 +87,11 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 240.0,
               pg_timeout: float = 60.0, expect_errors: bool = False) -> list:
     """Runs ``fn`` on ``world_size`` ranks. With ``expect_errors`` the raw ("ok"|"error", value)
     pairs are returned instead of raising on a rank's error."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_dir, pg_timeout))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_dir, pg_timeout,
+                                                          dict(os.environ)))
                  for r in range(world_size)]
         for p in procs:
             p.start()

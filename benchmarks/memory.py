@@ -18,7 +18,8 @@ Training steps (``--train``): a LLaMA built by the trainer's own functions, FSDP
 ranks, batch 2 x 64 tokens per rank, ``--train-steps`` (default 3) steps of forward + backward +
 ``clip_grad_norm`` + ``opt.step()`` + ``zero_grad`` with the trainer's HTMuon and with its AdamW
 (``torch.optim.AdamW``), each in its own processes; per rank the process's peak RSS (VmHWM)
-over all steps, after each step, and the last step's times. One step is not enough: the first
+over all steps, after each step, the last step's peaks of its forward + backward and of its
+optimizer step apart (the high-water mark is reset at each), and its times. One step is not enough: the first
 step creates the optimizer state, and AdamW's peak rises by about 1.3 GiB at 350M in the
 second (benchmarks/results/memory_cpu.txt). Each rank sets glibc's mmap threshold as the trainer
 does (``--malloc_mmap_threshold``, training/memory.py: 1 MiB from 100M parameters up), without
@@ -157,20 +158,29 @@ def train_step_worker(rank: int, world: int, model: str, optimizer: str, steps: 
     opt = build_optimizer(net, t, routed)
     gen = torch.Generator().manual_seed(rank)
     fwd_bwd, opt_step, peaks = [], [], []
+    # the high-water mark is reset at each phase, so the peak of each is seen apart
+    peak, bwd_peak, step_peak = _status("VmHWM"), 0, 0
     for _ in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=gen)
+        _reset_peak_rss()
         t0 = time.perf_counter()
         net(input_ids=ids, labels=ids).loss.backward()
         t1 = time.perf_counter()
+        bwd_peak = _status("VmHWM")
+        _reset_peak_rss()
         clip_grad_norm(net, "fsdp2", 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
+        step_peak = _status("VmHWM")
         fwd_bwd.append(t1 - t0)
         opt_step.append(t2 - t1)
-        peaks.append(_status("VmHWM"))
+        peak = max(peak, bwd_peak, step_peak)
+        peaks.append(peak)
     return dict(case=f"train {model} fsdp2", world=world, rank=rank, optimizer=optimizer, steps=steps,
-                peak_rss_bytes=peaks[-1], peak_rss_after_step=peaks, mmap_threshold=threshold, fwd_bwd_s=fwd_bwd[-1], opt_step_s=opt_step[-1],
+                peak_rss_bytes=peaks[-1], peak_rss_after_step=peaks, mmap_threshold=threshold,
+                fwd_bwd_s=fwd_bwd[-1], opt_step_s=opt_step[-1],
+                last_fwd_bwd_peak_bytes=bwd_peak, last_step_peak_bytes=step_peak,
                 bound_bytes=opt.memory_bound() if hasattr(opt, "memory_bound") else None)
 
 
@@ -222,7 +232,8 @@ def main(argv=None) -> int:
                           f"  {'ok' if r['ok'] else 'OVER'}")
     if args.train != "none" and args.device == "cpu":
         print(f"\n{'training steps':16} {'optimizer':9} {'rank':>4} {'peak RSS':>9} {'fwd+bwd s':>9} "
-              f"{'opt.step s':>10}  peak RSS after each of {args.train_steps} steps (GiB)")
+              f"{'opt.step s':>10} {'last fwd+bwd peak':>17} {'last step peak':>14}  "
+              f"peak RSS after each of {args.train_steps} steps (GiB)")
         for model in args.train.split(","):
             peaks = {}
             for optimizer in args.train_optimizers.split(","):
@@ -241,7 +252,8 @@ def main(argv=None) -> int:
                     r["ok"] = True
                     rows.append(r)
                     print(f"{model + ' x' + str(args.train_world):16} {optimizer:9} {r['rank']:>4} "
-                          f"{_gib(r['peak_rss_bytes']):>9} {r['fwd_bwd_s']:9.1f} {r['opt_step_s']:10.1f}  "
+                          f"{_gib(r['peak_rss_bytes']):>9} {r['fwd_bwd_s']:9.1f} {r['opt_step_s']:10.1f} "
+                          f"{_gib(r['last_fwd_bwd_peak_bytes']):>17} {_gib(r['last_step_peak_bytes']):>14}  "
                           + " ".join(_gib(b) for b in r["peak_rss_after_step"]))
             if "htmuon" in peaks and "adamw" in peaks:
                 verdict = "<=" if peaks["htmuon"] <= peaks["adamw"] else ">"

@@ -47,6 +47,11 @@ SHAPES: dict[str, list[tuple[int, int]]] = {
     "issue": [(2048, 5461), (5461, 2048), (4096, 11008)],
 }
 METHODS = ["svd", "eigh", "ns5", "tracked_ns", "gram_rr", "gram32", "auto"]
+# fp16/bf16 product methods: in the default list on CUDA only (a CPU without AMX runs a 16-bit
+# matmul ~77x slower than fp32, so there they time the CPU, not the method)
+GPU_METHODS = ["polar_express", "fast_ns"]
+# Muon's power-0 methods: run at p = 0 and judged after the best rescale, as NS5
+POLAR = ("ns5", "polar_express")
 
 
 def _sync(device: torch.device) -> None:
@@ -109,7 +114,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             big = max(m, n) * min(m, n) ** 2 > 4096 * 4096 * 4096
             use_svd_ref = not (big and not args.svd_7b)
             r, p = reference(x, power, rtol, use_svd_ref)
-            methods = ["svd", "eigh", "ns5"] if group == "foundation" else args.methods.split(",")
+            chosen = args.methods or ",".join(METHODS + (GPU_METHODS if device.type == "cuda" else []))
+            methods = ["svd", "eigh", "ns5"] if group == "foundation" else chosen.split(",")
             if "ns5" not in methods:
                 methods = ["ns5"] + methods  # every ratio is to NS5 timed in the same run
             times: dict[str, float] = {}
@@ -118,6 +124,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     continue
                 if name == "ns5":
                     fn = lambda: newton_schulz5(x)  # noqa: E731  (bf16 on CUDA, fp32 on CPU)
+                    pw = 0.0
+                elif name in POLAR:
+                    fn = lambda name=name: spectral_power(x, 0.0, method=name)  # noqa: E731
                     pw = 0.0
                 else:
                     fn = lambda name=name: spectral_power(x, power, method=name)  # noqa: E731
@@ -178,8 +187,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="comma list of 60m,1b,7b,issue,foundation (default CPU: 60m,1b,foundation; "
                          "CUDA: 60m,1b,7b)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"comma list of methods to time (default {','.join(METHODS)}; ns5 always runs)")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma list of methods to time (default {','.join(METHODS)}, and on CUDA also "
+                         f"{','.join(GPU_METHODS)}; ns5 always runs)")
     ap.add_argument("--power", type=float, default=0.125)
     ap.add_argument("--svd-7b", action="store_true", help="also time svd (and use it as the reference) on 7B shapes")
     ap.add_argument("--json", default=None, help="write all rows to this file")

@@ -101,6 +101,10 @@ class HTMuon(Optimizer):
             collective and host read check that the ranks agree (step number, plan
             checksum) and act on skipped non-finite steps; None: only at the first step. 1
             checks every step (a debug setting: one host synchronisation per step).
+        keep_exchange_buffers: keep the exchange's two buffer slots (each about the largest
+            bucket, e.g. 125 MiB per rank for a 32000 x 1024 LM head on two ranks) allocated
+            between steps. Default False: they are reserved at each step's start and freed at
+            its end, so the backward pass, where a training step peaks, does not carry them.
     """
 
     def __init__(
@@ -127,8 +131,11 @@ class HTMuon(Optimizer):
         comm_dtype: Optional[torch.dtype] = None,
         bucket_numel: Optional[int] = None,
         check_every: Optional[int] = 100,
+        keep_exchange_buffers: bool = False,
     ) -> None:
         options.check_arguments(check_every, nonfinite, nonfinite_patience, bucket_numel, comm_dtype)
+        if not isinstance(keep_exchange_buffers, bool):
+            raise ValueError(f"keep_exchange_buffers must be True or False, got {keep_exchange_buffers!r}")
         self._htmuon_defaults = dict(
             lr=lr, power=power, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             method=method, rtol=rtol, interval=interval, adjust_lr_fn=adjust_lr_fn,
@@ -143,6 +150,7 @@ class HTMuon(Optimizer):
         self.comm_dtype = comm_dtype
         self.bucket_numel = bucket_numel
         self.check_every = check_every
+        self.keep_exchange_buffers = keep_exchange_buffers
         self._skips = SkipCounter()  # skipped steps, on the device
         self._adamw_calls = 0
         self._fsdp1_registry: dict = {}
@@ -205,6 +213,7 @@ class HTMuon(Optimizer):
         mset = set_builder.build_matrix_set(
             matrices, fsdp1_registry=self._fsdp1_registry, process_group=self.process_group,
             comm_dtype=self.comm_dtype, bucket_numel=self.bucket_numel,
+            keep_buffers=self.keep_exchange_buffers,
         )
         if mset.backend != "zero":  # a new parameter set replaces the old one
             self._sets.clear()

@@ -4,7 +4,7 @@ log and is not a failure; a rank that dies before its result still fails the cal
 
 from __future__ import annotations
 
-import atexit
+import multiprocessing.util
 import os
 
 import pytest
@@ -21,7 +21,10 @@ def _abort_at_exit(rank: int, world: int) -> int:
     t = torch.tensor([float(rank)])
     dist.all_reduce(t)
     if rank == 1:
-        atexit.register(os.abort)  # SIGABRT during interpreter shutdown, as the teardown does
+        # SIGABRT in the process's shutdown, after run_ranks' worker wrote the result, as the
+        # teardown does. A multiprocessing finalizer, not atexit: a forked rank ends with
+        # os._exit, which runs no atexit hook, while finalizers run in both start methods.
+        multiprocessing.util.Finalize(None, os.abort, exitpriority=0)
     return int(t.item())
 
 

@@ -1,6 +1,7 @@
-"""The runtime's plan and transport: a schedule built once, reserved slots reused every step,
-and pieces that are several ranges (tensor-parallel column blocks, strided rows) exchanged like
-one-range pieces, bit for bit equal to one process."""
+"""The runtime's plan and transport: a schedule built once, two slots reserved per step and reused
+by its buckets (released after it unless kept), and pieces that are several ranges
+(tensor-parallel column blocks, strided rows) exchanged like one-range pieces, bit for bit equal
+to one process."""
 
 from __future__ import annotations
 
@@ -61,31 +62,62 @@ def test_multi_range_pieces_equal_one_process_bit_for_bit(kind, world):
             assert got is not None and torch.equal(got, want), (kind, world, i)
 
 
-def reuse_worker(rank, world):
+def reuse_worker(rank, world, keep):
     import torch.nn as nn
 
     from htmuon_dist import HTMuon
 
     torch.manual_seed(0)
     ws = [nn.Parameter(torch.randn(m, n)) for m, n in SHAPES]
-    opt = HTMuon([{"params": ws, "htmuon": True}], process_group="auto")
-    ptrs, schedules = [], []
+    # a 60-element bucket cap: one matrix per bucket, so each step reuses its slots 3 times
+    opt = HTMuon([{"params": ws, "htmuon": True}], process_group="auto", bucket_numel=60,
+                 keep_exchange_buffers=keep)
+    ptrs, schedules, held, buckets = [], [], [], []
     for step in range(3):
         for w in ws:
             w.grad = torch.randn_like(w)
+        seen: set = set()
+        if step:  # from the second step on, record every slot the step's buckets use
+            transport = opt.engine.transport
+            plain = transport.buffers
+
+            def spy(slot, direction, wire, device, plain=plain, seen=seen):
+                send, recv = plain(slot, direction, wire, device)
+                seen.add((slot, transport._slots[slot].data_ptr()))
+                return send, recv
+
+            transport.buffers = spy
         opt.step()
         engine = opt.engine
-        slots = [s.data_ptr() for s in engine.transport._slots if s is not None]
-        ptrs.append(slots)
+        ptrs.append(sorted(seen))
+        held.append(engine.transport.reserved_bytes())
+        buckets.append(len(engine._schedules and next(iter(engine._schedules.values())).buckets))
         schedules.append([id(s) for s in engine._schedules.values()])
-    return ptrs, schedules
+    return ptrs, schedules, held, buckets
 
 
 @pytest.mark.multirank
-def test_the_schedule_is_built_once_and_the_slots_are_reused():
-    for ptrs, schedules in run_ranks(reuse_worker, 2):
-        assert len(ptrs[0]) == 2 and ptrs[0] == ptrs[1] == ptrs[2], ptrs
+def test_the_schedule_is_built_once_and_the_slots_are_reused_within_a_step():
+    for ptrs, schedules, held, buckets in run_ranks(reuse_worker, 2, False):
+        assert buckets[0] == 3, buckets
+        # each step: one gather and one scatter slot, whatever the bucket count
+        assert [len({s for s, _ in p}) for p in ptrs[1:]] == [2, 2] and all(len(p) == 2 for p in ptrs[1:]), ptrs
+        assert held == [0, 0, 0], held  # released after every step
         assert len(schedules[0]) == 1 and schedules[0] == schedules[1] == schedules[2], schedules
+
+
+@pytest.mark.multirank
+def test_kept_slots_are_the_same_buffers_every_step():
+    for ptrs, schedules, held, _ in run_ranks(reuse_worker, 2, True):
+        assert len(ptrs[1]) == 2 and ptrs[1] == ptrs[2], ptrs
+        assert held[0] > 0 and held[0] == held[1] == held[2], held
+
+
+def test_keep_exchange_buffers_must_be_a_bool():
+    from htmuon_dist import HTMuon
+
+    with pytest.raises(ValueError, match="keep_exchange_buffers must be True or False"):
+        HTMuon([torch.nn.Parameter(torch.randn(4, 4))], keep_exchange_buffers="yes")
 
 
 def test_partially_overlapping_multi_range_pieces_are_refused():

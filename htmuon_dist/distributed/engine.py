@@ -4,7 +4,7 @@ Layers (each module holds one):
     layout.py     who holds which ranges of each matrix; who sends what to an owner
     planner.py    owners and buckets (cost-balanced, memory-capped), the same on every rank
     plan.py       the schedule: per bucket the splits, span tables and buffer sizes
-    transport.py  two reserved buffer slots, the all_to_all, float32-bit packing
+    transport.py  two buffer slots reserved per step, the all_to_all, float32-bit packing
     engine.py     this runtime: the pipelined loop, the owner's batched compute, memory_bound
     matrix_set.py the optimizer's side of one partition (state views, the update callbacks)
 
@@ -154,6 +154,8 @@ class ExchangeEngine:
         workspace_bytes: temporary memory one compute batch may use.
         row_state_numels: per matrix, the float32 values of its replicated row state that the
             owner sends to every other rank with the result (0 = none). NorMuon: its rows.
+        keep_buffers: keep the transport's two slots between steps (default: reserved at the
+            start of each step, released at its end, see :mod:`.transport`).
     """
 
     def __init__(
@@ -168,8 +170,10 @@ class ExchangeEngine:
         domains: Optional[Sequence[int]] = None,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
         row_state_numels: Optional[Sequence[int]] = None,
+        keep_buffers: bool = False,
     ) -> None:
         self.group = group
+        self.keep_buffers = bool(keep_buffers)
         self.rank, self.world_size = _rank_and_world(group)
         self.names = list(names)
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
@@ -346,6 +350,8 @@ class ExchangeEngine:
         self.state_errors = {}
         sent = 0
         buckets = sched.buckets
+        if self.transport is not None:
+            self.transport.reserve(sched.gather_slot, sched.scatter_slot, wire, device)
         if self.world_size == 1 or nonfinite is None:  # nothing to agree on with other ranks
             update.agreed((local != 0).to(torch.float32))
         if sched.flags is not None:  # no bucket: the flags travel alone
@@ -385,6 +391,7 @@ class ExchangeEngine:
                 del results, rows, new_states
             if scatter is not None:
                 self._finish_scatter(scatter, update)
+        self._end_of_step()
         self.comm_bytes_last_step = sent
         self.comm_bytes_total += sent
 
@@ -432,7 +439,12 @@ class ExchangeEngine:
                 for j, i in enumerate(members):
                     out[i] = fn(i, batch[j])
             del batches
+        self._end_of_step()
         return out
+
+    def _end_of_step(self) -> None:
+        if self.transport is not None and not self.keep_buffers:
+            self.transport.release()
 
     # -- the two exchanges ------------------------------------------------------------------
 
@@ -645,8 +657,9 @@ class ExchangeEngine:
         than float32, the float32 product adds 4·(m·n) per matrix to W_k; with ``lanes``
         concurrent CUDA streams, W_k is ``lanes`` batches' workspace; with row state, W_k is at
         least the owner's ``finish_rows`` temporaries, 16·m·n + 8·m bytes; the last term is the
-        chunk of a Nesterov input computed on the fly). The slots are reserved at the first
-        step and kept. Parameters, gradients and optimizer state are not included.
+        chunk of a Nesterov input computed on the fly). The slots are reserved for the step and
+        released after it (kept with ``keep_buffers``). Parameters, gradients and optimizer state
+        are not included.
         """
         r = self.rank if rank is None else rank
         active = [True] * len(self.shapes)

@@ -71,7 +71,8 @@ def set_key(matrices: Sequence[MatrixEntry]) -> tuple:
 
 
 def build_matrix_set(matrices: list[MatrixEntry], *, fsdp1_registry: dict, process_group: Any,
-                     comm_dtype: Optional[torch.dtype], bucket_numel: Optional[int]) -> MatrixSet:
+                     comm_dtype: Optional[torch.dtype], bucket_numel: Optional[int],
+                     keep_buffers: bool = False) -> MatrixSet:
     """The matrix set of these matrices: layouts from the backend, one engine matrix per
     window, and the engine with its plan (collective over the exchange group)."""
     described = describe_params([e.param for e in matrices], [e.name for e in matrices],
@@ -89,6 +90,7 @@ def build_matrix_set(matrices: list[MatrixEntry], *, fsdp1_registry: dict, proce
         domains=described.domains,
         row_state_numels=[pl.shape[0] if e.group["normuon"] else 0
                           for pl, e in zip(placements, matrices)],
+        keep_buffers=keep_buffers,
     )
     return MatrixSet(matrices, placements, engine, described.backend)
 

@@ -1,4 +1,4 @@
-"""The transport: two reserved buffer slots and the packing of typed channels into them.
+"""The transport: two buffer slots reserved per step and the packing of typed channels into them.
 
 One slot serves the gathers (pieces to their owners), the other the scatters (results back);
 each holds a send and a receive region. The pipeline keeps at most one gather and one scatter

@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     power = args.power
     rows: list[dict] = []
     gen = torch.Generator(device="cpu").manual_seed(0)
+    chosen = args.methods or ",".join(METHODS + (GPU_METHODS if device.type == "cuda" else []))
     for group in args.shapes.split(","):
         for m, n in SHAPES[group]:
             x = torch.randn(m, n, generator=gen).to(device=device, dtype=dtype)
@@ -114,7 +115,6 @@ def run(args: argparse.Namespace) -> list[dict]:
             big = max(m, n) * min(m, n) ** 2 > 4096 * 4096 * 4096
             use_svd_ref = not (big and not args.svd_7b)
             r, p = reference(x, power, rtol, use_svd_ref)
-            chosen = args.methods or ",".join(METHODS + (GPU_METHODS if device.type == "cuda" else []))
             methods = ["svd", "eigh", "ns5"] if group == "foundation" else chosen.split(",")
             if "ns5" not in methods:
                 methods = ["ns5"] + methods  # every ratio is to NS5 timed in the same run

@@ -21,7 +21,7 @@ ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
 def check_arguments(check_every: Any, nonfinite: Any, nonfinite_patience: Any, bucket_numel: Any,
-                    comm_dtype: Any) -> None:
+                    comm_dtype: Any, keep_exchange_buffers: Any = False) -> None:
     """The constructor's optimizer-wide arguments (the per-group ones: :func:`validate_group`)."""
     if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
         raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
@@ -39,6 +39,8 @@ def check_arguments(check_every: Any, nonfinite: Any, nonfinite_patience: Any, b
         isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point
     ):
         raise ValueError(f"comm_dtype must be a floating torch.dtype or None, got {comm_dtype!r}")
+    if not isinstance(keep_exchange_buffers, bool):
+        raise ValueError(f"keep_exchange_buffers must be True or False, got {keep_exchange_buffers!r}")
 
 
 def param_list(params: Any) -> list[torch.Tensor]:

@@ -133,9 +133,8 @@ class HTMuon(Optimizer):
         check_every: Optional[int] = 100,
         keep_exchange_buffers: bool = False,
     ) -> None:
-        options.check_arguments(check_every, nonfinite, nonfinite_patience, bucket_numel, comm_dtype)
-        if not isinstance(keep_exchange_buffers, bool):
-            raise ValueError(f"keep_exchange_buffers must be True or False, got {keep_exchange_buffers!r}")
+        options.check_arguments(check_every, nonfinite, nonfinite_patience, bucket_numel, comm_dtype,
+                                keep_exchange_buffers)
         self._htmuon_defaults = dict(
             lr=lr, power=power, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             method=method, rtol=rtol, interval=interval, adjust_lr_fn=adjust_lr_fn,

@@ -91,7 +91,7 @@ def reuse_worker(rank, world, keep):
         engine = opt.engine
         ptrs.append(sorted(seen))
         held.append(engine.transport.reserved_bytes())
-        buckets.append(len(engine._schedules and next(iter(engine._schedules.values())).buckets))
+        buckets.append(len(next(iter(engine._schedules.values())).buckets))
         schedules.append([id(s) for s in engine._schedules.values()])
     return ptrs, schedules, held, buckets
 

@@ -431,6 +431,8 @@ class ExchangeEngine:
         wire = self._wire(active, update, exact=True)
         elem = torch.empty(0, dtype=wire).element_size()
         sched = self.schedule(active, [0] * len(self.shapes), elem, False, False)
+        if self.transport is not None:
+            self.transport.reserve(sched.gather_slot, 0, wire, update.device)
         out: dict[int, Any] = {}
         for bucket in sched.buckets:
             pending = self._start_gather(bucket, update, wire, None)

@@ -79,15 +79,16 @@ class Transport:
 
     def buffers(self, slot: int, direction: Direction, wire: torch.dtype,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (send, receive) regions of ``slot`` for ``direction``, as wire-dtype views.
-        Grows the slot if needed (only when a new schedule needs more than any before)."""
+        """The (send, receive) regions of ``slot`` for ``direction``, as wire-dtype views of the
+        slot :meth:`reserve` made for this step."""
         elem = torch.empty(0, dtype=wire).element_size()
         send_bytes = direction.send_numel * elem
         recv_at = -(-send_bytes // _ALIGN) * _ALIGN
         need = recv_at + direction.recv_numel * elem
         buf = self._slots[slot]
-        if buf is None or buf.numel() < need or buf.device != device:  # not reserved: a lone use
-            buf = self._slots[slot] = torch.empty(max(need, 1), dtype=torch.uint8, device=device)
+        if buf is None or buf.numel() < need or buf.device != device:
+            raise RuntimeError(f"transport slot {slot} holds {0 if buf is None else buf.numel()} bytes, "
+                               f"an exchange needs {need} on {device}: reserve() was not called for this step")
         send = buf[:send_bytes].view(wire)
         recv = buf[recv_at:need].view(wire)
         return send, recv

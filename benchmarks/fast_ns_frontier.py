@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from htmuon_dist.spectral import default_rtol, newton_schulz5  # noqa: E402
-from htmuon_dist.spectral import fast_ns  # noqa: E402
+from htmuon_dist.spectral import fast_ns, log_ns  # noqa: E402
 from htmuon_dist.spectral.accuracy import random_orthonormal, reference  # noqa: E402
 from htmuon_dist.spectral.cutoff import Cutoff  # noqa: E402
 from htmuon_dist.spectral.tracked_ns import tracked_ns_power  # noqa: E402
@@ -118,6 +118,26 @@ def _minimax(steps: int, dtype: torch.dtype) -> Candidate:
     return run
 
 
+def _log(dtype: torch.dtype = log_ns.DEFAULT_DTYPE, fit_target: Optional[float] = None) -> Candidate:
+    """log_ns on bf16 data's noise cutoff; ``fit_target`` overrides its FIT_TARGET (a looser fit
+    picks fewer or faster steps)."""
+
+    def run(x: torch.Tensor, power: float) -> torch.Tensor:
+        rtol = default_rtol(torch.bfloat16, x.shape)
+        floor = log_ns.plan_floor(rtol, x.size(-1))
+        if fit_target is None:
+            plan = log_ns.make_plan(power, floor)
+        else:
+            saved, log_ns.FIT_TARGET = log_ns.FIT_TARGET, fit_target
+            try:
+                plan = log_ns.make_plan.__wrapped__(power, floor)
+            finally:
+                log_ns.FIT_TARGET = saved
+        return log_ns.run_plan(x, plan, dtype)
+
+    return run
+
+
 def _tracked(x: torch.Tensor, power: float) -> torch.Tensor:
     return tracked_ns_power(x, power, default_rtol(torch.bfloat16, x.shape))
 
@@ -140,6 +160,9 @@ def _ns5(x: torch.Tensor, power: float) -> torch.Tensor:
 
 
 CANDIDATES: dict[str, Candidate] = {
+    "log_ns": _log(),  # the registered method (fp16 operands)
+    "log_ns/bf16": _log(torch.bfloat16),
+    "log_ns/fit0.07": _log(fit_target=0.07),
     "fast_ns": _fast(torch.float16),  # the registered method (fp16 operands)
     "fast_ns/bf16": _fast(torch.bfloat16),
     "fast_ns/fp32": _fast(torch.float32),

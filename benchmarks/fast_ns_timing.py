@@ -1,4 +1,4 @@
-"""Measured time and accuracy of fast_ns against bf16 NS5, Polar Express and eigh, per matrix.
+"""Measured time and accuracy of log_ns and fast_ns against bf16 NS5, Polar Express and eigh, per matrix.
 
     python benchmarks/fast_ns_timing.py --device cuda --json fast_ns.json     # on a GPU (~1 min)
     python benchmarks/fast_ns_timing.py --device cpu --scale 16 --repeat 1    # the same logic here
@@ -42,7 +42,7 @@ MUON = ("ns5", "polar_express")
 def default_methods() -> list[str]:
     from htmuon_dist.spectral import available_methods
 
-    return [m for m in ("fast_ns", "ns5", "polar_express", "eigh", "tracked_ns") if m in available_methods()]
+    return [m for m in ("log_ns", "fast_ns", "ns5", "polar_express", "eigh", "tracked_ns") if m in available_methods()]
 
 
 def heavy_tailed(m: int, n: int, device: torch.device, seed: int = 0, alpha: float = 0.6) -> torch.Tensor:
@@ -143,7 +143,7 @@ def render(rows: list[dict]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--methods", default=None, help="comma list (default: fast_ns, ns5, polar_express, eigh, tracked_ns)")
+    ap.add_argument("--methods", default=None, help="comma list (default: log_ns, fast_ns, ns5, polar_express, eigh, tracked_ns)")
     ap.add_argument("--scale", type=int, default=1, help="divide every shape by this (CPU runs)")
     ap.add_argument("--power", type=float, default=0.125)
     ap.add_argument("--repeat", type=int, default=3)

@@ -6,8 +6,8 @@
 Sections, in order (each a subprocess with its own timeout, all inside ``--budget-s``; a failed
 or timed-out section is recorded with its output tail and the next one runs):
 
-1. fast_ns: ``benchmarks/fast_ns_timing.py --device cuda``: fast_ns against bf16 NS5, Polar
-   Express, eigh (and tracked_ns) at issue 19's five shapes: measured time, ratio to NS5, the
+1. fast_ns: ``benchmarks/fast_ns_timing.py --device cuda``: log_ns and fast_ns against bf16 NS5,
+   Polar Express, eigh (and tracked_ns) at issue 19's five shapes: measured time, ratio to NS5, the
    priced time of benchmarks/gpu_cost.py beside it, err/gap against float64 on a bf16 input;
 2. env: torch, CUDA, NCCL, driver, GPUs;
 3. spectral: ``benchmarks/spectral.py --device cuda`` on 60M/1B/7B shapes, every method: time,
@@ -87,7 +87,7 @@ def plan(out: Path, gpus: int, quick: bool, work: Optional[Path] = None) -> list
     worlds = ",".join(str(w) for w in range(1, max(gpus, 1) + 1))
     shapes = "60m,1b" if quick else "60m,1b,7b"
     return [
-        Section("fast_ns", "fast_ns vs bf16 NS5, Polar Express and eigh at issue 19's five shapes: "
+        Section("fast_ns", "log_ns and fast_ns vs bf16 NS5, Polar Express and eigh at issue 19's five shapes: "
                 "measured time, x NS5, priced time, err/gap vs float64",
                 [[py, "benchmarks/fast_ns_timing.py", "--device", "cuda", "--repeat", "3",
                   "--json", str(out / "fast_ns.json")]], 120),

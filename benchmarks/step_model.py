@@ -52,10 +52,10 @@ MUON_METHODS = ["ns5", "polar_express"]  # p = 0; "ns5" is the baseline every ra
 
 
 def htmuon_methods() -> list[str]:
-    """The HTMuon methods modelled: the fixed list, plus ``fast_ns`` once it is registered."""
+    """The HTMuon methods modelled: the fixed list, plus ``fast_ns``/``log_ns`` once registered."""
     from htmuon_dist.spectral import available_methods
 
-    return HTMUON_METHODS + [m for m in ("fast_ns",) if m in available_methods()]
+    return HTMUON_METHODS + [m for m in ("fast_ns", "log_ns") if m in available_methods()]
 
 
 @dataclass

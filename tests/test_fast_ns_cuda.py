@@ -59,6 +59,19 @@ def test_fast_ns_on_cuda_matches_its_cpu_emulation(kind, shape):
 
 
 @needs_cuda
+@pytest.mark.skipif("log_ns" not in available_methods(), reason="log_ns is not registered")
+@pytest.mark.parametrize("kind", SPECTRA)
+@pytest.mark.parametrize("shape", [(384, 256), (256, 384)])
+def test_log_ns_on_cuda_matches_its_cpu_emulation(kind, shape):
+    from htmuon_dist.spectral import log_ns
+
+    x = make_matrix(kind, *shape, 1.0, seed=5).to(torch.bfloat16).float()
+    y_gpu, y_cpu = _both("log_ns", x, 0.125)
+    diff = float((y_gpu - y_cpu).norm() / y_cpu.norm())
+    assert diff <= tolerance(log_ns.DEFAULT_DTYPE), diff
+
+
+@needs_cuda
 @pytest.mark.parametrize("kind", SPECTRA)
 def test_polar_express_bf16_on_cuda_matches_its_cpu_emulation(kind):
     from htmuon_dist.spectral.polar_express import polar_express

@@ -104,7 +104,7 @@ def check_ranges(cfg) -> None:
         methods = sorted(htmuon_dist.available_methods())
         _need(t.spectral_method in methods, f"--spectral_method {t.spectral_method!r} is not one of {methods}; eigh is the exact default")
         _need(not (t.spectral_method == "ns5" and t.power != 0),
-              f"--spectral_method ns5 computes Muon (power 0) only, got --power {t.power}; use eigh, svd, tracked_ns or fast_ns for HTMuon")
+              f"--spectral_method ns5 computes Muon (power 0) only, got --power {t.power}; use eigh, svd, tracked_ns, fast_ns or log_ns for HTMuon")
     if t.interval is not None:
         _need(t.interval >= 1, f"--interval must be >= 1 (an exact step every k-th step), got {t.interval}")
     _need(t.seed >= 0, f"--seed must be >= 0, got {t.seed}")

@@ -1,0 +1,336 @@
+"""``"log_ns"``: HTMuon's ``U Σ^p V^T`` from 16-bit matrix products, tracked in the log domain.
+
+A Newton–Schulz step ``X_{k+1} = X_k h_k(G_k)``, ``G_k = X_k^T X_k``, maps every singular value
+``s_k`` to ``s_{k+1} = s_k h_k(s_k^2)``. After J steps ``s_J(σ)`` is a known scalar function of
+the normalised singular value ``σ`` (the composition of the steps), and so is every ``y_k =
+s_k(σ)^2``, the eigenvalue of ``G_k`` in the direction of ``σ``. The update needs, per
+direction, the factor ``σ^p / s_J(σ)``. Its logarithm
+
+    ℓ(σ) = p ln σ - ln s_J(σ)
+
+is fitted, once per (p, floor), in float64 on the host, as a sum of low-degree polynomials of
+the ``y_k``: two Chebyshev terms per step (``G_k`` and ``G_k^2``, which the step computes anyway)
+and ``FINAL_DEGREE`` terms in the last Gram matrix. The matrix side only adds these up:
+
+    L = c_0 I + Σ_k (c_k1 T_1(Z_k) + c_k2 T_2(Z_k)) + Σ_j d_j T_j(Z_{J-1}),   Z_k = 2 G_k / y_k,max - I,
+    T = X_{J-1} · (h_{J-1}(G_{J-1}) · exp(L))      (T = X_J exp(L), without forming X_J)
+
+The sum costs no product (the per-step terms are elementwise), where :mod:`.fast_ns` multiplies a
+running product by a fitted ``g_k ~ h_k^(-p)`` every step and evaluates a degree 9-11 final
+polynomial. ``exp(L)`` is one Taylor polynomial by Paterson–Stockmeyer blocks, with scaling and
+squaring where ``L``'s range needs it. Because the fit is joint (all steps at once, not one
+factor per step), the steps can be faster than a factor-per-step method tolerates: Jordan's NS5
+quintic or a milder one, repeated (:data:`STEPS`).
+
+**Normalisation and cut.** ``X_0 = M / ||M||_F``. The noise cutoff ``τ = fro ||M||_F`` (the
+exact methods' rule, :mod:`.cutoff`) is then at the normalised value ``fro``, a host constant,
+for every matrix, so the plan lifts exactly from ``floor = fro``. Directions above ``τ`` are
+fitted (``plan.bound``: the largest error of ``ln(F(σ)/σ^p)`` over ``[fro, 1]`` in exact
+arithmetic). Below ``τ`` nothing is lifted any more, and the result falls off linearly in
+``σ`` (``F(σ) ≈ (σ/τ) τ^p`` near ``τ``): a soft cut, where the exact methods cut hard at ``τ``
+(docs/spectral.md, "log_ns", compares the two).
+
+**Precision.** Every product goes through :func:`.precision.mm` with float32 output. The first
+Gram matrix multiplies the input itself, scaled by a power of two: exact for bf16/fp16 data, so
+it runs in the input's own dtype. Every later operand is rounded to fp16 (default), whose 11-bit
+significand keeps ``X_k``'s rounding ~8x under the bf16 noise cutoff at bf16's tensor-core rate.
+``X_k`` is carried scaled by a power of two near ``sqrt(m)`` so that its entries stay far from
+fp16's subnormal range. Errors of the (n, n) side enter ``L`` additively, i.e. relatively per
+direction of the output.
+
+Batched over (b, m, n), m >= n; matmuls, elementwise ops and norms only: no decomposition, no
+``.item()``, no data-dependent Python branch (CUDA streams and graphs stay safe; runs on
+``meta``). Every owner runs it on its same-shape batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from . import precision
+from .cutoff import Cutoff, noise_cutoff
+from .registry import SpectralMethod, register_method
+from .tracked_ns import lawson_fit
+
+DEFAULT_DTYPE = torch.float16
+# Step quintics h(y) = a + b y + c y^2 (s -> s h(s^2)), tried in this order at every step count.
+# "jordan" is Muon's NS5 step (lift 3.44 per step); "mild" lifts 3.0 with a smoother h.
+STEPS: dict[str, tuple[float, float, float]] = {
+    "mild": (3.0, -4.5, 1.8),
+    "jordan": (3.4445, -4.7750, 2.0315),
+}
+MIN_STEPS, MAX_STEPS = 3, 10
+FINAL_DEGREE = 6  # Chebyshev terms in the last Gram matrix (T_1, T_2 free; T_3.. one product each)
+# A plan is accepted when its fitted log error is at most FIT_TARGET * p over [floor, 1]. The
+# accuracy bar's gap is at least ~0.35 p on the test spectra (docs/spectral.md), so this keeps
+# the fit alone under a tenth of the 0.25 x gap target, leaving the rest for rounding.
+FIT_TARGET = 0.035
+EXP_TOL = 2e-5  # truncation of the Taylor series of exp on the scaled range
+MIN_FLOOR = 1e-5  # an explicit rtol smaller than this is lifted from here (16-bit data never needs it)
+MAX_FLOOR = 0.05
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The host side of one log_ns run (float64 scalars).
+
+    steps: ``(a, b, c)`` per step (J); ``ymax``: the Chebyshev interval ``[0, ymax_k]`` of each
+    ``G_k``; ``coef``: ``c_0``, then ``(c_k1, c_k2)`` for k < J-1, then the ``FINAL_DEGREE``
+    coefficients of ``Z_{J-1}``; ``center``/``squarings``/``taylor``: ``exp(L) =
+    e^center (Σ_j (L - center)^j / (2^s)^j / j!)^(2^s)``; ``bound``: max |ln(F(σ)/σ^p)| over
+    ``σ in [floor, 1]`` in exact arithmetic.
+    """
+
+    power: float
+    floor: float
+    steps: tuple[tuple[float, float, float], ...]
+    ymax: tuple[float, ...]
+    coef: tuple[float, ...]
+    center: float
+    squarings: int
+    taylor: int
+    bound: float
+
+    @property
+    def count(self) -> int:
+        return len(self.steps)
+
+
+def _h(q: tuple[float, float, float], y: torch.Tensor) -> torch.Tensor:
+    return q[0] + q[1] * y + q[2] * y * y
+
+
+def _cheb(z: torch.Tensor, degree: int) -> list[torch.Tensor]:
+    """T_1(z) .. T_degree(z)."""
+    cols = [torch.ones_like(z), z]
+    while len(cols) < degree + 1:
+        cols.append(2.0 * z * cols[-1] - cols[-2])
+    return cols[1 : degree + 1]
+
+
+def _trajectory(steps, sigma: torch.Tensor) -> list[torch.Tensor]:
+    """s_0 = sigma, s_1, ..., s_J (float64)."""
+    out = [sigma]
+    for q in steps:
+        s = out[-1]
+        out.append(s * _h(q, s * s))
+    return out
+
+
+def _basis(steps, ymax, sigma: torch.Tensor) -> torch.Tensor:
+    traj = _trajectory(steps, sigma)
+    cols = [torch.ones_like(sigma)]
+    last = len(steps) - 1
+    for k in range(len(steps)):
+        z = 2.0 * traj[k] ** 2 / ymax[k] - 1.0
+        cols += _cheb(z, FINAL_DEGREE if k == last else 2)
+    return torch.stack(cols, dim=1)
+
+
+def _exp_plan(lo: float, hi: float) -> tuple[float, int, int]:
+    """(center, squarings, Taylor degree) for exp on [lo, hi] to EXP_TOL."""
+    center, radius = 0.5 * (lo + hi), 0.5 * (hi - lo) * 1.05 + 1e-3
+    squarings = max(0, math.ceil(math.log2(radius / 0.5)))
+    r = radius / 2**squarings
+    degree = 1
+    while r ** (degree + 1) / math.factorial(degree + 1) * 2**squarings > EXP_TOL:
+        degree += 1
+    return center, squarings, degree
+
+
+def _fit(power: float, floor: float, steps) -> Plan:
+    sigma = torch.logspace(math.log10(floor), 0.0, 3000, dtype=torch.float64)
+    full = torch.cat([torch.linspace(0.0, 1.0, 2001, dtype=torch.float64), sigma])
+    ymax = tuple(max(1.0, float((s * s).max())) for s in _trajectory(steps, full)[:-1])
+    traj = _trajectory(steps, sigma)
+    target = power * sigma.log() - traj[-1].log()
+    coef, err = lawson_fit(_basis(steps, ymax, sigma), target, 60)
+    values = _basis(steps, ymax, full) @ coef  # L on every direction, the cut ones included
+    center, squarings, degree = _exp_plan(float(values.min()), float(values.max()))
+    return Plan(float(power), float(floor), tuple(steps), ymax, tuple(coef.tolist()), center, squarings,
+                degree, float(err))
+
+
+@lru_cache(maxsize=256)
+def make_plan(power: float, floor: float) -> Plan:
+    """The cheapest plan (fewest steps, then the first of :data:`STEPS`) whose fit is within
+    ``FIT_TARGET * power`` on ``[floor, 1]``; the most accurate one at MAX_STEPS otherwise."""
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"log_ns: power must be in (0, 1), got {power}")
+    if not MIN_FLOOR <= floor <= MAX_FLOOR:
+        raise ValueError(f"log_ns: floor must be in [{MIN_FLOOR}, {MAX_FLOOR}], got {floor}")
+    best = None
+    for count in range(MIN_STEPS, MAX_STEPS + 1):
+        for q in STEPS.values():
+            steps = (q,) * count
+            low = float(_trajectory(steps, torch.tensor([floor], dtype=torch.float64))[-1])
+            if low < 0.25:  # the floor is not lifted into the band the final fit covers
+                continue
+            plan = _fit(power, floor, steps)
+            if plan.bound <= FIT_TARGET * power:
+                return plan
+            if best is None or plan.bound < best.bound:
+                best = plan
+    if best is None:
+        raise RuntimeError(f"log_ns: no schedule lifts {floor} within {MAX_STEPS} steps")
+    return best
+
+
+def plan_floor(rtol: float, n: int) -> float:
+    """The normalised floor for a cutoff: its Frobenius part under the noise rule (the cut
+    ``τ = fro ||M||_F`` sits at ``fro`` after normalising by ``||M||_F``); an explicit float
+    ``rtol`` (relative to σ_max >= ||M||_F / sqrt(n)) maps to ``rtol / sqrt(n)``. Rounded down
+    to two significant digits so that nearby shapes share a cached plan."""
+    fro = getattr(rtol, "fro", 0.0)
+    raw = fro if fro > 0.0 else float(rtol) / math.sqrt(n)
+    raw = min(max(raw, MIN_FLOOR), MAX_FLOOR)
+    digits = 10 ** math.floor(math.log10(raw) - 1)
+    return max(MIN_FLOOR, math.floor(raw / digits) * digits)
+
+
+def _cheb_matrix(g: torch.Tensor, g2: torch.Tensor, ymax: float, eye: torch.Tensor):
+    """(Z, T_2(Z)) for Z = 2G/ymax - I from G and G^2 (no product)."""
+    z = (2.0 / ymax) * g - eye
+    t2 = (8.0 / ymax**2) * g2 - (8.0 / ymax) * g + eye
+    return z, t2
+
+
+def _expm(l: torch.Tensor, plan: Plan, eye: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """exp(L) for symmetric L (b, n, n) float32 by the plan's Taylor degree (Paterson–Stockmeyer
+    blocks of 3) and squarings; every product 16-bit operands, float32 output."""
+    z = (l - plan.center * eye) / 2**plan.squarings
+    coef = [1.0 / math.factorial(j) for j in range(plan.taylor + 1)]
+    z2 = precision.mm(z, z, dtype)
+    z3 = precision.mm(z2, z, dtype) if plan.taylor >= 3 else None
+    blocks = []
+    for start in range(0, plan.taylor + 1, 3):
+        c = coef[start : start + 3]
+        blk = c[0] * eye
+        if len(c) > 1:
+            blk = blk + c[1] * z
+        if len(c) > 2:
+            blk = blk + c[2] * z2
+        blocks.append(blk)
+    out = blocks[-1]
+    for blk in reversed(blocks[:-1]):
+        out = blk + precision.mm(z3, out, dtype)
+    for _ in range(plan.squarings):
+        out = precision.mm(out, out, dtype)
+    return out * math.exp(plan.center)
+
+
+def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) -> torch.Tensor:
+    """Applies ``plan`` to x (b, m, n), m >= n -> (b, m, n) float32 (module docstring)."""
+    if dtype not in precision.SUPPORTED:
+        raise ValueError(f"log_ns: dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+    first = x.dtype if x.dtype in precision.LOW_PRECISION else dtype
+    m, n = x.size(-2), x.size(-1)
+    eye = torch.eye(n, dtype=torch.float32, device=x.device)
+    amax = x.abs().amax(dim=(-2, -1), keepdim=True).to(torch.float32)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    two = torch.exp2(torch.ceil(torch.log2(amax)))  # a power of two: x0 is x, exactly, rescaled
+    x0 = x.to(torch.float32) / two
+    fro2 = x0.square().sum(dim=(-2, -1), keepdim=True)
+    fro2 = torch.where(fro2 > 0, fro2, torch.ones_like(fro2))
+    carry = 2.0 ** round(math.log2(math.sqrt(m)))  # X_k is held as carry * X_k (fp16 range)
+    last = plan.count - 1
+    coef = plan.coef
+    lmat = coef[0] * eye
+    xk = x0
+    pos = 1
+    for k, q in enumerate(plan.steps):
+        if k == 0:
+            gram = precision.mm(x0.mT, x0, first) / fro2  # G_0 of X_0 = x0 / ||x0||_F
+        else:
+            gram = precision.mm(xk.mT, xk, dtype) / carry**2
+        gram2 = precision.mm(gram, gram, dtype)
+        z, t2 = _cheb_matrix(gram, gram2, plan.ymax[k], eye)
+        lmat = lmat + coef[pos] * z + coef[pos + 1] * t2
+        pos += 2
+        step = q[0] * eye + q[1] * gram + q[2] * gram2
+        if k == last:
+            t_prev, t_cur = z, t2
+            for cj in coef[pos:]:
+                t_prev, t_cur = t_cur, 2.0 * precision.mm(z, t_cur, dtype) - t_prev
+                lmat = lmat + cj * t_cur
+            break
+        if k == 0:  # fold 1/||x0||_F and the carry into the right factor: x0 is exact in `first`
+            xk = precision.mm(x0, step * (carry * torch.rsqrt(fro2)), first)
+            del x0
+        else:
+            xk = precision.mm(xk, step, dtype)
+    lmat = 0.5 * (lmat + lmat.mT)
+    weight = precision.mm(step, _expm(lmat, plan, eye, dtype), dtype)
+    src = x0 * (carry * torch.rsqrt(fro2)) if plan.count == 1 else xk
+    out = precision.mm(src, weight, dtype) / carry
+    return out.mul_((two * fro2.sqrt()) ** plan.power)
+
+
+def log_ns_power(x: torch.Tensor, power: float, rtol: float, dtype: torch.dtype = DEFAULT_DTYPE) -> torch.Tensor:
+    """``U Σ^p V^T`` of each matrix of x (b, m, n), m >= n -> (b, m, n) float32.
+
+    rtol: the resolved cutoff (a :class:`.cutoff.Cutoff` from ``default_rtol``, or a float); it
+    is raised to the noise cutoff of the coarsest 16-bit format the values pass through (x's own
+    dtype if 16-bit, else ``dtype``). p = 0 is Muon's polar factor: use ``polar_express``/``ns5``.
+    """
+    if power == 1.0:
+        return x.to(torch.float32)
+    if not 0.0 < power < 1.0:
+        raise ValueError(
+            f"log_ns: power must be in (0, 1], got {power}; for Muon (power 0) use 'polar_express' or 'ns5'"
+        )
+    rtol = own_cutoff(rtol, x, dtype)
+    plan = make_plan(float(power), plan_floor(rtol, x.size(-1)))
+    return run_plan(x, plan, dtype)
+
+
+def own_cutoff(rtol: float, x: torch.Tensor, dtype: torch.dtype) -> Cutoff:
+    """``rtol`` raised to the noise rule of the coarsest 16-bit format x's values pass through."""
+    coarsest = max((torch.finfo(d).eps for d in (x.dtype, dtype) if d in precision.LOW_PRECISION), default=0.0)
+    floor = noise_cutoff(x.shape, coarsest).fro if coarsest > 0 else 0.0
+    return Cutoff(float(rtol), max(getattr(rtol, "fro", 0.0), floor))
+
+
+def plan_products(plan: Plan) -> dict[str, int]:
+    """Products of one matrix by kind: ``"mn2"`` (the Gram X^T X or X·W: 2 m n^2 FLOPs each)
+    and ``"n3"`` (n x n by n x n: 2 n^3 FLOPs each)."""
+    j = plan.count
+    mn2 = j + (j - 1) + 1  # G_k per step, X_{k+1} for all but the last, the final X_{J-1} W
+    n3 = j + (FINAL_DEGREE - 2)  # G_k^2 per step; T_3.. of the last Gram
+    n3 += (2 if plan.taylor >= 3 else 1) + plan.taylor // 3 + plan.squarings
+    n3 += 1  # h_{J-1} exp(L)
+    return {"mn2": mn2, "n3": n3}
+
+
+def log_ns_cost(m: int, n: int, power: float = 0.125) -> float:
+    """FLOPs of one (m, n) matrix, m >= n, all 16-bit operands, for bf16 data's noise cutoff."""
+    eps = torch.finfo(torch.bfloat16).eps
+    counts = plan_products(make_plan(power, plan_floor(noise_cutoff((m, n), eps), n)))
+    return 2.0 * m * n * n * counts["mn2"] + 2.0 * n**3 * counts["n3"]
+
+
+def log_ns_workspace(m: int, n: int) -> float:
+    """Bytes beyond input and output: the float32 input copy and X_k with its next value (3 x
+    4mn), one operand's 16-bit copy and its float32 widening on the CPU (2mn + 4mn), and ~14
+    float32 (n, n) matrices (G, G^2, Z, T_j, L, exp's powers and blocks)."""
+    return 18.0 * m * n + 56.0 * n * n
+
+
+register_method(
+    SpectralMethod(
+        name="log_ns",
+        fn=log_ns_power,
+        cost=log_ns_cost,
+        exact=False,
+        powers="any",
+        description=(
+            "approximate, matmul-only in fp16/bf16 with fp32 accumulation: Newton-Schulz lift "
+            "with a joint log-domain fit of sigma^p; for 16-bit data on GPUs"
+        ),
+        workspace=log_ns_workspace,
+    )
+)

@@ -45,18 +45,18 @@ def test_choice_follows_the_table():
     assert auto_table.choose("Other GPU", 64, 64, failing, rule="fast_ns")[0] == "fast_ns"
 
 
-def test_cuda_rule_is_log_ns_where_it_met_the_bar():
-    # no CUDA table entry is shipped: the documented rule applies (docs/spectral.md, "log_ns"):
-    # log_ns on the MLP shapes (aspect >= 2, where it met the bar), eigh on square ones (missed)
+def test_cuda_rule_is_fast_ns_where_it_met_the_bar():
+    # no CUDA table entry is shipped: the documented rule applies (docs/spectral.md, "fast_ns"):
+    # fast_ns on the MLP shapes (aspect >= 2, where it met the bar), eigh on square ones (missed)
     for m, n in [(2048, 5461), (5461, 2048), (4096, 11008), (1024, 512)]:
-        assert fast.auto_choice("cuda", m, n) == "log_ns"
+        assert fast.auto_choice("cuda", m, n) == "fast_ns"
     for m, n in [(2048, 2048), (4096, 4096), (3000, 2048)]:
         assert fast.auto_choice("cuda", m, n) == "eigh"
     assert get_method("auto").cost(2048, 2048) == get_method("eigh").cost(2048, 2048)
     assert auto_table.rule_method("cpu") == "eigh"
     assert fast.auto_choice("cpu", 512, 512) in auto_table.CANDIDATES  # measured table
-    # the planner costs auto as log_ns on every rank (device-independent plans)
-    assert get_method("auto").cost(5461, 2048) == get_method("log_ns").cost(5461, 2048)
+    # the planner costs auto as fast_ns on every rank (device-independent plans)
+    assert get_method("auto").cost(5461, 2048) == get_method("fast_ns").cost(5461, 2048)
 
 
 def test_auto_runs_what_the_table_names(monkeypatch, tmp_path):
@@ -103,4 +103,4 @@ def test_shipped_table_names_registered_methods():
 
 def test_cost_is_device_independent():
     # one fixed method (the CUDA rule's) on every rank, whatever device the rank has
-    assert fast.auto_cost(5461, 2048) == get_method("log_ns").cost(5461, 2048)
+    assert fast.auto_cost(5461, 2048) == get_method("fast_ns").cost(5461, 2048)

@@ -131,6 +131,16 @@ def test_runs_on_meta_with_16_bit_products_only(in_dtype: torch.dtype) -> None:
     assert len(seen.dtypes) == counts["mn2"] + counts["n3"], (len(seen.dtypes), counts)
 
 
+def test_registry_says_it_has_no_rank_cutoff_and_auto_never_picks_it() -> None:
+    from htmuon_dist.spectral import auto_table
+
+    assert get_method("log_ns").cuts_noise is False
+    assert "log_ns" not in auto_table.CANDIDATES
+    assert all(get_method(name).cuts_noise for name in auto_table.CANDIDATES)
+    for device in ("cuda", "cpu"):
+        assert auto_table.rule_method(device) != "log_ns"
+
+
 def test_registry_cost_and_workspace() -> None:
     spec = get_method("log_ns")
     assert spec.powers == "any" and not spec.exact and spec.workspace is not None

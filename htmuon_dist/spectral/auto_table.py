@@ -11,16 +11,14 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
    (``gram32`` on an ill-conditioned input, where it redoes the matrix in float64) is ranked by
    that slower time: real momenta are often ill-conditioned.
 3. No measurement for the device (or the table unreadable): the documented rule
-   :func:`rule_method`. On CUDA devices it is ``"log_ns"`` for matrices at least
-   :data:`FAST_MIN_ASPECT` times longer than wide: fp16 products, priced at 1.9x bf16 NS5 at
-   the LLaMA-1B/7B MLP shapes (``fast_ns``: 2.0-2.3x) against 7-21x for ``eigh`` (cuSOLVER
-   cannot batch it), and err/gap <= 0.25 (worst 0.17) on bf16 data's heavy-tailed, two-bulk,
-   Marchenko-Pastur and power-law spectra at 512x256 and 1365x512 (aspects 2 and 2.7).
-   Near-square matrices keep ``eigh``: there log_ns and fast_ns measured err/gap up to 1.2 and
-   0.9 (square 1024x1024 Marchenko-Pastur: many singular values within a factor 2 of the noise
-   cutoff, where the exact method cuts hard; benchmarks/fast_ns_frontier.py, docs/spectral.md
-   "log_ns"), which is Muon's accuracy, not HTMuon's. Pass ``method="log_ns"`` to trade that
-   accuracy for speed.
+   :func:`rule_method`. On CUDA devices it is ``"fast_ns"`` for matrices at least
+   :data:`FAST_NS_MIN_ASPECT` times longer than wide: fp16 products, priced at 2.0-2.3x bf16
+   NS5 at the LLaMA-1B/7B MLP shapes against 7-21x for ``eigh`` (cuSOLVER cannot batch it), and
+   err/gap <= 0.25 on bf16 data's heavy-tailed, two-bulk, Marchenko-Pastur and power-law
+   spectra at 512x256 and 1365x512 (aspects 2 and 2.7). Near-square matrices keep ``eigh``:
+   there fast_ns measured err/gap up to 0.9 (square 1024x1024, many singular values near the
+   noise cutoff; benchmarks/fast_ns_frontier.py, docs/spectral.md "fast_ns"), which is Muon's
+   accuracy, not HTMuon's. Pass ``method="fast_ns"`` to trade that accuracy for speed.
    Everywhere else it is :data:`RULE_METHOD` = ``"eigh"``, the exact method, fastest or
    near-fastest on every CPU
    measured (0.6-1.7x NS5). A measured table entry for the device overrides the rule.
@@ -42,11 +40,11 @@ import torch
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 RULE_METHOD = "eigh"
 # the rule per device type where it differs from RULE_METHOD (see the module docstring, 3.)
-RULE_BY_DEVICE_TYPE = {"cuda": "log_ns"}
-# log_ns met the bar at aspects 2 and 2.7 and missed it on square matrices (module docstring)
-FAST_MIN_ASPECT = 2.0
+RULE_BY_DEVICE_TYPE = {"cuda": "fast_ns"}
+# fast_ns met the bar at aspects 2 and 2.7 and missed it on square matrices (module docstring)
+FAST_NS_MIN_ASPECT = 2.0
 # Methods auto may pick: HTMuon-capable (any p) and meeting the bar when measured.
-CANDIDATES = ("eigh", "svd", "gram32", "gram_rr", "tracked_ns", "fast_ns", "log_ns")
+CANDIDATES = ("eigh", "svd", "gram32", "gram_rr", "tracked_ns", "fast_ns")
 
 Table = dict[str, Any]
 
@@ -69,8 +67,8 @@ def rule_method(device_type: str, m: Optional[int] = None, n: Optional[int] = No
     """The documented rule's method for a device type without measurements, for an (m, n)
     matrix (either orientation); without a shape, the device type's fast method."""
     name = RULE_BY_DEVICE_TYPE.get(device_type, RULE_METHOD)
-    if name == RULE_BY_DEVICE_TYPE.get("cuda") and m is not None and n is not None:
-        if max(m, n) < FAST_MIN_ASPECT * min(m, n):
+    if name == "fast_ns" and m is not None and n is not None:
+        if max(m, n) < FAST_NS_MIN_ASPECT * min(m, n):
             return RULE_METHOD
     return name
 

@@ -76,7 +76,7 @@ def gram_rr_cost(m: int, n: int) -> float:
 def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None) -> str:
     """Method name ``"auto"`` uses for one (m, n) matrix on ``device_type`` (device ``index``):
     the fastest that met the bar in the measured table (:mod:`.auto_table`), else the documented
-    rule (on CUDA ``log_ns`` for m/n >= 2 and ``eigh`` for near-square shapes; ``eigh``
+    rule (on CUDA ``fast_ns`` for m/n >= 2 and ``eigh`` for near-square shapes; ``eigh``
     elsewhere: :func:`.auto_table.rule_method`)."""
     key = auto_table.device_key(device_type, index)
     return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type, m, n))[0]

@@ -329,8 +329,10 @@ register_method(
         powers="any",
         description=(
             "approximate, matmul-only in fp16/bf16 with fp32 accumulation: Newton-Schulz lift "
-            "with a joint log-domain fit of sigma^p; for 16-bit data on GPUs"
+            "with a joint log-domain fit of sigma^p; for full-rank 16-bit momenta on GPUs (no rank "
+            "cutoff: rounding-made directions of rank-deficient data keep weight)"
         ),
         workspace=log_ns_workspace,
+        cuts_noise=False,
     )
 )

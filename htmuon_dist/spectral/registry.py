@@ -47,6 +47,11 @@ class SpectralMethod:
         stateful: the method with its state: ``(x (b, m, n) with m >= n, power, rtol, state
             (b, state_numel) float32, all zero = none yet) -> (y (b, m, n), new state, err
             (b,) float32)``; ``fn`` is then its form without state.
+        cuts_noise: True when singular values under the rank cutoff (the rounding-noise rule of
+            :mod:`.cutoff` by default) map to zero, so that directions which rounding created in
+            a rank-deficient matrix get no weight. False for a method that keeps them
+            (``log_ns``): ``auto`` never picks it, and tests/test_cutoff.py's rank-deficient
+            cases do not apply to it.
     """
 
     name: str
@@ -59,6 +64,7 @@ class SpectralMethod:
     target: str = "sigma_power"
     state_numel: Optional[CostFn] = None
     stateful: Optional[Callable] = None
+    cuts_noise: bool = True
 
 
 _METHODS: dict[str, SpectralMethod] = {}

@@ -12,7 +12,7 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
    that slower time: real momenta are often ill-conditioned.
 3. No measurement for the device (or the table unreadable): the documented rule
    :func:`rule_method`. On CUDA devices it is ``"fast_ns"`` for matrices at least
-   :data:`FAST_NS_MIN_ASPECT` times longer than wide: fp16 products, priced at 2.0-2.3x bf16
+   :data:`FAST_NS_MIN_ASPECT` times longer than wide: fp16 products, priced at 1.9-2.2x bf16
    NS5 at the LLaMA-1B/7B MLP shapes against 7-21x for ``eigh`` (cuSOLVER cannot batch it), and
    err/gap <= 0.25 on bf16 data's heavy-tailed, two-bulk, Marchenko-Pastur and power-law
    spectra at 512x256 and 1365x512 (aspects 2 and 2.7). Near-square matrices keep ``eigh``:

@@ -22,13 +22,15 @@ squaring where ``L``'s range needs it. Because the fit is joint (all steps at on
 factor per step), the steps can be faster than a factor-per-step method tolerates: Jordan's NS5
 quintic or a milder one, repeated (:data:`STEPS`).
 
-**Normalisation and cut.** ``X_0 = M / ||M||_F``. The noise cutoff ``τ = fro ||M||_F`` (the
+**Normalisation, and no cut.** ``X_0 = M / ||M||_F``. The noise cutoff ``τ = fro ||M||_F`` (the
 exact methods' rule, :mod:`.cutoff`) is then at the normalised value ``fro``, a host constant,
 for every matrix, so the plan lifts exactly from ``floor = fro``. Directions above ``τ`` are
 fitted (``plan.bound``: the largest error of ``ln(F(σ)/σ^p)`` over ``[fro, 1]`` in exact
-arithmetic). Below ``τ`` nothing is lifted any more, and the result falls off linearly in
-``σ`` (``F(σ) ≈ (σ/τ) τ^p`` near ``τ``): a soft cut, where the exact methods cut hard at ``τ``
-(docs/spectral.md, "log_ns", compares the two).
+arithmetic). Below ``τ`` the output is whatever the fitted polynomials extrapolate to: there is
+**no rank cutoff**, and directions that bf16 rounding created in a rank-deficient matrix keep
+weight (5-23x the accuracy bar on tests/test_cutoff.py's rank-deficient inputs). The registry
+says so (``cuts_noise=False``) and ``auto`` never picks it: it is for full-rank momenta.
+docs/spectral.md, "log_ns", has the measurements and the cut variants that were tried.
 
 **Precision.** Every product goes through :func:`.precision.mm` with float32 output. The first
 Gram matrix multiplies the input itself, scaled by a power of two: exact for bf16/fp16 data, so
@@ -51,7 +53,7 @@ from functools import lru_cache
 
 import torch
 
-from . import precision
+from . import chebyshev, precision
 from .cutoff import Cutoff, noise_cutoff
 from .registry import SpectralMethod, register_method
 from .tracked_ns import lawson_fit
@@ -64,7 +66,7 @@ STEPS: dict[str, tuple[float, float, float]] = {
     "jordan": (3.4445, -4.7750, 2.0315),
 }
 MIN_STEPS, MAX_STEPS = 3, 10
-FINAL_DEGREE = 6  # Chebyshev terms in the last Gram matrix (T_1, T_2 free; T_3.. one product each)
+FINAL_DEGREE = 6  # Chebyshev terms in the last Gram matrix (T_1, T_2 free; the rest 3 products, .chebyshev)
 # A plan is accepted when its fitted log error is at most FIT_TARGET * p over [floor, 1]. The
 # accuracy bar's gap is at least ~0.35 p on the test spectra (docs/spectral.md), so this keeps
 # the fit alone under a tenth of the 0.25 x gap target, leaving the rest for rounding.
@@ -249,15 +251,13 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
             gram = precision.mm(xk.mT, xk, dtype) / carry**2
         gram2 = precision.mm(gram, gram, dtype)
         z, t2 = _cheb_matrix(gram, gram2, plan.ymax[k], eye)
+        step = q[0] * eye + q[1] * gram + q[2] * gram2
+        if k == last:  # T_1..T_FINAL_DEGREE of the last Gram, by Paterson-Stockmeyer blocks
+            lmat = lmat + chebyshev.matrix_series((0.0,) + coef[pos:], z, eye,
+                                                  lambda a, b: precision.mm(a, b, dtype), t2=t2)
+            break
         lmat = lmat + coef[pos] * z + coef[pos + 1] * t2
         pos += 2
-        step = q[0] * eye + q[1] * gram + q[2] * gram2
-        if k == last:
-            t_prev, t_cur = z, t2
-            for cj in coef[pos:]:
-                t_prev, t_cur = t_cur, 2.0 * precision.mm(z, t_cur, dtype) - t_prev
-                lmat = lmat + cj * t_cur
-            break
         if k == 0:  # fold 1/||x0||_F and the carry into the right factor: x0 is exact in `first`
             xk = precision.mm(x0, step * (carry * torch.rsqrt(fro2)), first)
             del x0
@@ -300,7 +300,7 @@ def plan_products(plan: Plan) -> dict[str, int]:
     and ``"n3"`` (n x n by n x n: 2 n^3 FLOPs each)."""
     j = plan.count
     mn2 = j + (j - 1) + 1  # G_k per step, X_{k+1} for all but the last, the final X_{J-1} W
-    n3 = j + (FINAL_DEGREE - 2)  # G_k^2 per step; T_3.. of the last Gram
+    n3 = j + chebyshev.products(FINAL_DEGREE, t2_given=True)  # G_k^2 per step; the last Gram's series
     n3 += (2 if plan.taylor >= 3 else 1) + plan.taylor // 3 + plan.squarings
     n3 += 1  # h_{J-1} exp(L)
     return {"mn2": mn2, "n3": n3}

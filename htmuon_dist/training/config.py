@@ -94,7 +94,7 @@ class TrainArguments:
     lr: Optional[float] = field(default=None, metadata={"help": "lr of the matrix optimizer (adamw: of everything); default from the reference table"})
     adamw_lr: Optional[float] = field(default=None, metadata={"help": "lr of the AdamW part of htmuon/muon (norm gains...); default: the size's AdamW lr"})
     power: Optional[float] = field(default=None, metadata={"help": "HTMuon p (default 0.125; muon forces 0)"})
-    spectral_method: Optional[str] = field(default=None, metadata={"help": "eigh (exact, default for htmuon) | svd | tracked_ns | fast_ns (fp16/bf16 products, for GPUs; auto picks it on CUDA for m/n >= 2) | log_ns (fp16/bf16 products, ~6-20% cheaper than fast_ns, no rank cutoff: for full-rank momenta) | gram_rr | gram32 | auto | ns5 (muon) | polar_express (muon: Polar Express, NS5 cost) | ns_roots | ht | stream; with htnormuon, NorMuon on any of them; see htmuon_dist.available_methods()"})
+    spectral_method: Optional[str] = field(default=None, metadata={"help": "eigh (exact, default for htmuon) | svd | tracked_ns | fast_ns (fp16/bf16 products, for GPUs; auto picks it on CUDA for m/n >= 2) | log_ns (fp16/bf16 products, priced 1.85-2.13x NS5 against fast_ns 1.9-2.6x; no rank cutoff: for full-rank momenta) | gram_rr | gram32 | auto | ns5 (muon) | polar_express (muon: Polar Express, NS5 cost) | ns_roots | ht | stream; with htnormuon, NorMuon on any of them; see htmuon_dist.available_methods()"})
     interval: Optional[int] = field(default=None, metadata={"help": "htmuon_interval: exact step every k-th step (default 5)"})
     param_convention: str = field(
         default="reference", metadata={"help": "reference (every >=2-D weight incl. embedding/head to HTMuon) | muon (embedding/head to AdamW)"}

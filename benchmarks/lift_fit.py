@@ -1,0 +1,158 @@
+"""Why a matmul-only Σ^p does not reach 1.5x NS5 here: the numbers behind docs/spectral.md's
+"Why neither method reaches 1.5x NS5", computed on the host in float64 (no matrices, no timing).
+
+    python benchmarks/lift_fit.py                  # ~30 s on one CPU core
+    python benchmarks/lift_fit.py --floor 2e-4 --steps 6,7,8
+
+It prints three things:
+
+1. **monotone lift**: the largest slope at 0 of an odd quintic ``p(s) = a s + b s^3 + c s^5`` with
+   ``p' >= 0`` and ``p <= 1`` on [0, 1] (a linear program on a grid): the fastest lift that keeps
+   every singular value's trajectory one-to-one, and the steps it needs from ``--floor``;
+2. **joint log fit per step family**: for J repetitions of a step quintic (or the Polar Express
+   schedule), the best near-minimax fit (Lawson) of ``p ln σ - ln s_J(σ)`` on ``[floor, 1]`` by
+   Chebyshev terms ``T_1, T_2`` of every ``y_k = s_k^2`` and ``T_1..T_d`` of the last one, the
+   basis ``log_ns`` uses; printed as the largest log error divided by p, for p = 1/16 and 1/4;
+   ``log_ns`` accepts a plan at ``<= 0.035``;
+3. **soft cuts on a square Gaussian spectrum**: err/gap of the exact singular values with the
+   exact method's hard cut at the noise cutoff τ replaced by a smoothstep between two multiples
+   of τ (1024x1024, bf16-rounded, p = 1/16, 1/8, 1/4): what any method without a hard cut at
+   exactly τ gives up there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from htmuon_dist.spectral import default_rtol  # noqa: E402
+from htmuon_dist.spectral import log_ns  # noqa: E402
+from htmuon_dist.spectral import polar_express as pe  # noqa: E402
+from htmuon_dist.spectral.cutoff import threshold  # noqa: E402
+from htmuon_dist.spectral.tracked_ns import lawson_fit  # noqa: E402
+
+FAMILIES = {
+    "2.6x (mild)": (2.6, -3.12, 1.04),
+    "3.0x (log_ns mild)": log_ns.STEPS["mild"],
+    "3.44x (Jordan NS5)": log_ns.STEPS["jordan"],
+}
+
+
+def monotone_lift() -> float:
+    """Max a of a s + b s^3 + c s^5 with 0 <= p' and p <= 1 on [0, 1] (scipy if present, else a
+    closed-form check of the known optimum)."""
+    try:
+        from scipy.optimize import linprog
+    except ImportError:  # the optimum the LP finds: 2.25 s - 2.5 s^3 + 1.25 s^5
+        return 2.25
+    s = torch.linspace(0.0, 1.0, 3001, dtype=torch.float64)
+    value = torch.stack([s, s**3, s**5], dim=1)
+    slope = torch.stack([torch.ones_like(s), 3 * s**2, 5 * s**4], dim=1)
+    res = linprog([-1.0, 0.0, 0.0], A_ub=torch.cat([value, -slope]).numpy(),
+                  b_ub=torch.cat([torch.ones_like(s), torch.zeros_like(s)]).numpy(),
+                  bounds=[(None, None)] * 3)
+    return float(res.x[0])
+
+
+def _cheb(z: torch.Tensor, degree: int) -> list[torch.Tensor]:
+    cols = [torch.ones_like(z), z]
+    while len(cols) < degree + 1:
+        cols.append(2.0 * z * cols[-1] - cols[-2])
+    return cols[1 : degree + 1]
+
+
+def joint_fit(steps, power: float, floor: float, final_degree: int) -> float:
+    """Largest |fit - (p ln σ - ln s_J)| over [floor, 1], divided by p (inf if a step blows up)."""
+    sigma = torch.logspace(math.log10(floor), 0.0, 1500, dtype=torch.float64)
+    full = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+    traj, traj_full = [sigma], [full]
+    for a, b, c in steps:
+        for t in (traj, traj_full):
+            s = t[-1]
+            t.append(s * (a + b * s * s + c * s**4))
+    if not all(torch.isfinite(t).all() and t.abs().max() < 10 for t in traj_full):
+        return math.inf
+    cols = [torch.ones_like(sigma)]
+    for k in range(len(steps)):
+        ymax = max(1.0, float((traj_full[k] ** 2).max()))
+        cols += _cheb(2.0 * traj[k] ** 2 / ymax - 1.0, final_degree if k == len(steps) - 1 else 2)
+    target = power * sigma.log() - traj[-1].abs().clamp_min(1e-300).log()
+    _, err = lawson_fit(torch.stack(cols, dim=1), target, 40)
+    return err / power
+
+
+def soft_cut_table(n: int = 1024, seed: int = 3) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    mat = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    x = (mat / torch.linalg.matrix_norm(mat, ord=2)).to(torch.bfloat16)
+    s = torch.linalg.svdvals(x.double())
+    tau = float(threshold(s[None], default_rtol(torch.bfloat16, x.shape)))
+    keep = s > tau
+    lines = [f"square {n}x{n} Gaussian (bf16): {float((s < 2 * tau).double().mean()):.1%} of the singular values "
+             f"under 2 tau; err/gap of the exact values with the hard cut at tau replaced by a smoothstep:"]
+    bands = [(0.8, 1.25), (0.7, 1.4), (0.5, 1.0), (0.5, 2.0), (0.25, 1.0)]
+    lines.append("  p       " + "".join(f"[{lo:g},{hi:g}] tau".rjust(18) for lo, hi in bands) + "      no cut")
+    for power in (1 / 16, 1 / 8, 1 / 4):
+        ref = torch.where(keep, s.pow(power), torch.zeros_like(s))
+        polar = keep.double()
+        c = (polar * ref).sum() / polar.sum()
+        gap = float((c * polar - ref).norm() / ref.norm())
+        row = []
+        for lo, hi in bands:
+            t = ((s / tau).log() - math.log(lo)) / (math.log(hi) - math.log(lo))
+            t = t.clamp(0.0, 1.0)
+            y = s.pow(power) * t * t * (3 - 2 * t)
+            row.append(float((y - ref).norm() / ref.norm()) / gap)
+        none = float((s.pow(power) - ref).norm() / ref.norm()) / gap
+        lines.append(f"  {power:<8.4g}" + "".join(f"{v:18.2f}" for v in row) + f"{none:12.2f}")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--floor", type=float, default=3e-4,
+                    help="lowest normalised singular value to lift (the bf16 noise cutoff over ||M||_F: "
+                         "2e-4 to 5e-4 at the LLaMA-1B/7B shapes)")
+    ap.add_argument("--steps", default="6,7,8", help="comma list of step counts J")
+    ap.add_argument("--final-degree", type=int, default=6, help="Chebyshev degree in the last Gram matrix")
+    ap.add_argument("--skip-soft-cut", action="store_true", help="skip part 3 (its SVD takes ~10 s)")
+    args = ap.parse_args(argv)
+    if not 0.0 < args.floor < 0.1:
+        raise SystemExit(f"--floor must be in (0, 0.1), got {args.floor}")
+    counts = [int(v) for v in args.steps.split(",") if v]
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--steps must list positive step counts, got {args.steps!r}")
+
+    a = monotone_lift()
+    print(f"1. monotone odd quintic: largest lift per step {a:.3f}x; from {args.floor:g} to 1 takes "
+          f"{math.log(1 / args.floor) / math.log(a):.1f} steps (Jordan's folding step, 3.44x: "
+          f"{math.log(1 / args.floor) / math.log(3.4445):.1f})")
+    print(f"\n2. joint log fit (log_ns's basis, final degree {args.final_degree}, floor {args.floor:g}): "
+          "largest log error / p at p = 1/16 and 1/4 (log_ns accepts <= 0.035)")
+    print(f"   {'step family':<24}" + "".join(f"{'J=' + str(j):>16}" for j in counts))
+    families = dict(FAMILIES)
+    for name, q in families.items():
+        cells = []
+        for j in counts:
+            e = [joint_fit((q,) * j, p, args.floor, args.final_degree) for p in (1 / 16, 1 / 4)]
+            cells.append(f"{e[0]:7.3f}/{e[1]:.3f}" if math.isfinite(e[0]) else "diverges")
+        print(f"   {name:<24}" + "".join(f"{c:>16}" for c in cells))
+    cells = []
+    for j in counts:
+        sched = tuple(tuple(c) for c in pe._applied(args.floor, j))
+        e = [joint_fit(sched, p, args.floor, args.final_degree) for p in (1 / 16, 1 / 4)]
+        cells.append(f"{e[0]:7.3f}/{e[1]:.3f}" if math.isfinite(e[0]) else "diverges")
+    print(f"   {'Polar Express (8x..)':<24}" + "".join(f"{c:>16}" for c in cells))
+    if not args.skip_soft_cut:
+        print("\n3. " + "\n".join(soft_cut_table()))
+
+
+if __name__ == "__main__":
+    main()

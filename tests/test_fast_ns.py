@@ -1,4 +1,5 @@
-"""``fast_ns`` (fp16/bf16 products, float32 accumulation) against an independent float64 SVD.
+"""The fp16-product methods ``fast_ns`` and ``log_ns`` (float32 accumulation) against an
+independent float64 SVD; what only log_ns has is in test_log_ns.py.
 
 The reference is written here, not taken from the library: ``U Σ^p V^T`` of exactly the bf16
 values, with the bf16 noise cutoff spelled out literally, and the gap
@@ -15,8 +16,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from htmuon_dist.spectral import default_rtol, get_method, method_cost, method_workspace, spectral_power
-from htmuon_dist.spectral import fast_ns, precision
+from htmuon_dist.spectral import fast_ns, log_ns, precision
 from htmuon_dist.spectral.fast_ns import fast_ns_power
+from htmuon_dist.spectral.log_ns import log_ns_power
+
+POWER_FNS = {"fast_ns": fast_ns_power, "log_ns": log_ns_power}
+FP16_METHODS = list(POWER_FNS)
 
 BF16_EPS = 2.0**-7
 
@@ -62,74 +67,84 @@ def _err_over_gap(y: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> float:
     return float((y.double() - r).norm() / (c * p - r).norm())
 
 
+@pytest.mark.parametrize("method", FP16_METHODS)
 @pytest.mark.parametrize("kind", ["heavy_tailed", "two_bulk", "marchenko_pastur", "power_law"])
 @pytest.mark.parametrize("shape", [(192, 96), (96, 160)])
-def test_error_over_gap_on_bf16_data(kind: str, shape: tuple[int, int]) -> None:
+def test_error_over_gap_on_bf16_data(method: str, kind: str, shape: tuple[int, int]) -> None:
     x = _matrix(kind, *shape, seed=7)
     for power in (1 / 16, 1 / 8, 1 / 4):
         r, p = _reference(x, power)
-        y = spectral_power(x.float(), power, method="fast_ns", eps=BF16_EPS)  # the engine's fp32 copy
+        y = spectral_power(x.float(), power, method=method, eps=BF16_EPS)  # the engine's fp32 copy
         assert y.dtype == torch.float32 and torch.isfinite(y).all()
         ratio = _err_over_gap(y, r, p)
         assert ratio <= 0.25, (kind, shape, power, ratio)
 
 
-def test_bf16_products_are_worse_than_fp16() -> None:
+@pytest.mark.parametrize("method", FP16_METHODS)
+def test_bf16_products_are_worse_than_fp16(method: str) -> None:
     # why the default operand dtype is float16: bf16's 8x coarser rounding of X_k, measured
+    fn = POWER_FNS[method]
     x = _matrix("heavy_tailed", 192, 96, seed=3)
     r, p = _reference(x, 0.125)
     rtol = default_rtol(torch.bfloat16, x.shape)
-    e16 = _err_over_gap(fast_ns_power(x[None], 0.125, rtol, dtype=torch.float16)[0], r, p)
-    e_bf = _err_over_gap(fast_ns_power(x[None], 0.125, rtol, dtype=torch.bfloat16)[0], r, p)
-    assert fast_ns.DEFAULT_DTYPE == torch.float16
+    e16 = _err_over_gap(fn(x[None], 0.125, rtol, dtype=torch.float16)[0], r, p)
+    e_bf = _err_over_gap(fn(x[None], 0.125, rtol, dtype=torch.bfloat16)[0], r, p)
+    assert fn.__defaults__[-1] == torch.float16
     assert e16 < 0.5 * e_bf, (e16, e_bf)
 
 
-def test_equivariances() -> None:
+@pytest.mark.parametrize("method", FP16_METHODS)
+def test_equivariances(method: str) -> None:
+    fn = POWER_FNS[method]
     x = _matrix("power_law", 120, 72, seed=2).float()
     rtol = default_rtol(torch.bfloat16, x.shape)
-    base = fast_ns_power(x[None], 0.125, rtol)[0].double()
+    base = fn(x[None], 0.125, rtol)[0].double()
     # a power-of-two scale reaches the same operands: equal up to float32 rounding
     for c in (2.0**-20, 2.0**9):
-        scaled = fast_ns_power((x * c)[None], 0.125, rtol)[0].double()
+        scaled = fn((x * c)[None], 0.125, rtol)[0].double()
         assert float((scaled - base * c**0.125).norm() / base.norm()) < 1e-5, c
     # any other scale changes the fp16 rounding of the operands: equal to that rounding
-    scaled = fast_ns_power((x * 3.0)[None], 0.125, rtol)[0].double()
+    scaled = fn((x * 3.0)[None], 0.125, rtol)[0].double()
     assert float((scaled - base * 3.0**0.125).norm() / base.norm()) < 3e-3
     # transpose: spectral_power runs the wide matrix as its transpose
-    y = spectral_power(x, 0.125, method="fast_ns", eps=BF16_EPS).double()
-    yt = spectral_power(x.T.contiguous(), 0.125, method="fast_ns", eps=BF16_EPS).double()
+    y = spectral_power(x, 0.125, method=method, eps=BF16_EPS).double()
+    yt = spectral_power(x.T.contiguous(), 0.125, method=method, eps=BF16_EPS).double()
     assert torch.equal(yt, y.T)
     # orthogonal invariance, to the rounding of the operands
     gen = torch.Generator().manual_seed(4)
     q1, q2 = _orthonormal(120, 120, gen), _orthonormal(72, 72, gen)
-    rotated = fast_ns_power((q1 @ x.double() @ q2.T).float()[None], 0.125, rtol)[0].double()
+    rotated = fn((q1 @ x.double() @ q2.T).float()[None], 0.125, rtol)[0].double()
     assert float((rotated - q1 @ base @ q2.T).norm() / base.norm()) < 3e-3
 
 
+@pytest.mark.parametrize("method", FP16_METHODS)
 @pytest.mark.parametrize("shape", [(32, 16), (16, 32), (3, 32, 16)])
-def test_zero_matrix_gives_zero(shape: tuple[int, ...]) -> None:
-    y = spectral_power(torch.zeros(shape), 0.125, method="fast_ns")
+def test_zero_matrix_gives_zero(method: str, shape: tuple[int, ...]) -> None:
+    y = spectral_power(torch.zeros(shape), 0.125, method=method)
     assert torch.equal(y, torch.zeros(shape))
 
 
-def test_batch_equals_each_alone() -> None:
+@pytest.mark.parametrize("method", FP16_METHODS)
+def test_batch_equals_each_alone(method: str) -> None:
+    fn = POWER_FNS[method]
     mats = torch.stack([_matrix(k, 64, 40, seed=i).float() for i, k in enumerate(["heavy_tailed", "two_bulk"])])
     mats[1] *= 1e-4  # a different scale in the same batch
     rtol = default_rtol(torch.bfloat16, mats.shape)
-    together = fast_ns_power(mats, 0.125, rtol)
+    together = fn(mats, 0.125, rtol)
     for i in range(2):
-        alone = fast_ns_power(mats[i : i + 1], 0.125, rtol)[0]
+        alone = fn(mats[i : i + 1], 0.125, rtol)[0]
         assert float((together[i] - alone).norm() / alone.norm()) < 1e-6
 
 
-def test_power_one_and_bad_input() -> None:
+@pytest.mark.parametrize("method", FP16_METHODS)
+def test_power_one_and_bad_input(method: str) -> None:
+    fn = POWER_FNS[method]
     x = torch.randn(1, 20, 10)
-    assert torch.equal(fast_ns_power(x, 1.0, 1e-3), x)
+    assert torch.equal(fn(x, 1.0, 1e-3), x)
     with pytest.raises(ValueError, match="power"):
-        fast_ns_power(x, 1.5, 1e-3)
+        fn(x, 1.5, 1e-3)
     with pytest.raises(ValueError, match="dtype"):
-        fast_ns_power(x, 0.125, 1e-3, dtype=torch.float64)
+        fn(x, 0.125, 1e-3, dtype=torch.float64)
 
 
 class _Products(TorchDispatchMode):
@@ -147,18 +162,28 @@ class _Products(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("method", FP16_METHODS)
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
-def test_runs_on_meta_with_16_bit_products_only(in_dtype: torch.dtype) -> None:
+def test_runs_on_meta_with_16_bit_products_only(method: str, in_dtype: torch.dtype) -> None:
     """On meta nothing is computed, so a host read (.item()) or a data-dependent branch would
-    raise; every product must reach the kernel in 16-bit operands."""
+    raise; every product must reach the kernel in 16-bit operands, as many as the registry's
+    cost counts."""
     x = torch.empty(2, 1365, 512, device="meta", dtype=in_dtype)
     with _Products() as seen:
-        y = fast_ns_power(x, 0.125, default_rtol(torch.bfloat16, x.shape))
+        y = POWER_FNS[method](x, 0.125, default_rtol(torch.bfloat16, x.shape))
     assert y.shape == x.shape and y.dtype == torch.float32 and y.device.type == "meta"
     assert seen.dtypes and set(seen.dtypes) <= {torch.float16, torch.bfloat16}, set(seen.dtypes)
     assert not seen.reads
     # the first product is the input's own dtype when it is 16-bit (exact), fp16 otherwise
     assert seen.dtypes[0] == (torch.bfloat16 if in_dtype == torch.bfloat16 else torch.float16)
+    # the registry's cost counts the products the run makes (one batched call per product)
+    rtol = default_rtol(torch.bfloat16, x.shape)
+    if method == "fast_ns":
+        counts = fast_ns.plan_products(fast_ns.plan_for(0.125, fast_ns.own_cutoff(rtol, x, fast_ns.DEFAULT_DTYPE), 512))
+    else:
+        own = log_ns.own_cutoff(rtol, x, log_ns.DEFAULT_DTYPE)
+        counts = log_ns.plan_products(log_ns.make_plan(0.125, log_ns.plan_floor(own, 512)))
+    assert len(seen.dtypes) == counts["mn2"] + counts["n3"], (len(seen.dtypes), counts)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

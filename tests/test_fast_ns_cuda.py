@@ -32,10 +32,10 @@ def tolerance(dtype: torch.dtype) -> float:
     return 2 * _unit_roundoff(dtype)
 
 
-def _fast_ns_dtype() -> torch.dtype:
-    from htmuon_dist.spectral import fast_ns
+def _operand_dtype(method: str) -> torch.dtype:
+    import importlib
 
-    return getattr(fast_ns, "DEFAULT_DTYPE", torch.float16)
+    return getattr(importlib.import_module(f"htmuon_dist.spectral.{method}"), "DEFAULT_DTYPE", torch.float16)
 
 
 def _both(method: str, x: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,29 +46,18 @@ def _both(method: str, x: torch.Tensor, power: float) -> tuple[torch.Tensor, tor
 
 
 @needs_cuda
-@pytest.mark.skipif("fast_ns" not in available_methods(), reason="fast_ns is not registered")
+@pytest.mark.parametrize("method", ["fast_ns", "log_ns"])
 @pytest.mark.parametrize("kind", SPECTRA)
 @pytest.mark.parametrize("shape", [(384, 256), (256, 384)])
-def test_fast_ns_on_cuda_matches_its_cpu_emulation(kind, shape):
+def test_fp16_methods_on_cuda_match_their_cpu_emulation(method, kind, shape):
+    if method not in available_methods():
+        pytest.skip(f"{method} is not registered")
     # bf16-rounded input held in float32 (momentum after a bf16 exchange), p = 1/8
     x = make_matrix(kind, *shape, 1.0, seed=5).to(torch.bfloat16).float()
-    y_gpu, y_cpu = _both("fast_ns", x, 0.125)
+    y_gpu, y_cpu = _both(method, x, 0.125)
     diff = float((y_gpu - y_cpu).norm() / y_cpu.norm())
     # far below the method's own error (err/gap <= 0.25 of a gap ~0.05-0.15)
-    assert diff <= tolerance(_fast_ns_dtype()), diff
-
-
-@needs_cuda
-@pytest.mark.skipif("log_ns" not in available_methods(), reason="log_ns is not registered")
-@pytest.mark.parametrize("kind", SPECTRA)
-@pytest.mark.parametrize("shape", [(384, 256), (256, 384)])
-def test_log_ns_on_cuda_matches_its_cpu_emulation(kind, shape):
-    from htmuon_dist.spectral import log_ns
-
-    x = make_matrix(kind, *shape, 1.0, seed=5).to(torch.bfloat16).float()
-    y_gpu, y_cpu = _both("log_ns", x, 0.125)
-    diff = float((y_gpu - y_cpu).norm() / y_cpu.norm())
-    assert diff <= tolerance(log_ns.DEFAULT_DTYPE), diff
+    assert diff <= tolerance(_operand_dtype(method)), diff
 
 
 @needs_cuda

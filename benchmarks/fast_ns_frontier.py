@@ -125,14 +125,7 @@ def _log(dtype: torch.dtype = log_ns.DEFAULT_DTYPE, fit_target: Optional[float] 
     def run(x: torch.Tensor, power: float) -> torch.Tensor:
         rtol = default_rtol(torch.bfloat16, x.shape)
         floor = log_ns.plan_floor(rtol, x.size(-1))
-        if fit_target is None:
-            plan = log_ns.make_plan(power, floor)
-        else:
-            saved, log_ns.FIT_TARGET = log_ns.FIT_TARGET, fit_target
-            try:
-                plan = log_ns.make_plan.__wrapped__(power, floor)
-            finally:
-                log_ns.FIT_TARGET = saved
+        plan = log_ns.make_plan(power, floor, log_ns.FIT_TARGET if fit_target is None else fit_target)
         return log_ns.run_plan(x, plan, dtype)
 
     return run

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from htmuon_dist.spectral import default_rtol, get_method, method_cost, method_workspace, spectral_power
 from htmuon_dist.spectral import fast_ns, log_ns, precision
+from htmuon_dist.spectral.cutoff import operand_cutoff
 from htmuon_dist.spectral.fast_ns import fast_ns_power
 from htmuon_dist.spectral.log_ns import log_ns_power
 
@@ -179,9 +180,9 @@ def test_runs_on_meta_with_16_bit_products_only(method: str, in_dtype: torch.dty
     # the registry's cost counts the products the run makes (one batched call per product)
     rtol = default_rtol(torch.bfloat16, x.shape)
     if method == "fast_ns":
-        counts = fast_ns.plan_products(fast_ns.plan_for(0.125, fast_ns.own_cutoff(rtol, x, fast_ns.DEFAULT_DTYPE), 512))
+        counts = fast_ns.plan_products(fast_ns.plan_for(0.125, operand_cutoff(rtol, x, fast_ns.DEFAULT_DTYPE), 512))
     else:
-        own = log_ns.own_cutoff(rtol, x, log_ns.DEFAULT_DTYPE)
+        own = operand_cutoff(rtol, x, log_ns.DEFAULT_DTYPE)
         counts = log_ns.plan_products(log_ns.make_plan(0.125, log_ns.plan_floor(own, 512)))
     assert len(seen.dtypes) == counts["mn2"] + counts["n3"], (len(seen.dtypes), counts)
 

@@ -81,3 +81,14 @@ def noise_cutoff(shape: Sequence[int], eps: float) -> Cutoff:
         return Cutoff(FLOOR, 0.0)
     fro = NOISE_MULTIPLE * eps * (math.sqrt(m) + math.sqrt(n)) / math.sqrt(m * n)
     return Cutoff(FLOOR, fro)
+
+
+def operand_cutoff(rtol: float, x: torch.Tensor, dtype: torch.dtype) -> Cutoff:
+    """The cutoff of a method whose products round their operands to ``dtype``: ``rtol`` raised
+    to the noise rule of the coarsest 16-bit format x's values pass through (x's own dtype if it
+    is 16-bit, else ``dtype``: a float32 input is rounded to ``dtype`` by the first product, and
+    that rounding noise must not be lifted). Used by fast_ns and log_ns."""
+    low = (torch.bfloat16, torch.float16)
+    coarsest = max((torch.finfo(d).eps for d in (x.dtype, dtype) if d in low), default=0.0)
+    floor = noise_cutoff(x.shape, coarsest).fro if coarsest > 0 else 0.0
+    return Cutoff(float(rtol), max(getattr(rtol, "fro", 0.0), floor))

@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 
 from . import chebyshev, precision
-from .cutoff import Cutoff, noise_cutoff
+from .cutoff import noise_cutoff, operand_cutoff
 from . import tracked_ns as _tn
 from .registry import SpectralMethod, register_method
 
@@ -242,20 +242,9 @@ def fast_ns_power(x: torch.Tensor, power: float, rtol: float, dtype: torch.dtype
         return x.to(torch.float32)
     if not 0.0 <= power < 1.0:
         raise ValueError(f"fast_ns: power must be in [0, 1], got {power}")
-    rtol = own_cutoff(rtol, x, dtype)
+    rtol = operand_cutoff(rtol, x, dtype)
     plan = plan_for(float(power), rtol, x.size(-1))
     return run_plan(x, plan, rtol.fro, dtype)
-
-
-def own_cutoff(rtol: float, x: torch.Tensor, dtype: torch.dtype) -> Cutoff:
-    """The cutoff fast_ns applies: ``rtol``, raised to the noise cutoff of the coarsest 16-bit
-    format the values pass through (x's own dtype if 16-bit, else ``dtype``): a float32 input is
-    rounded to ``dtype`` by the first product, and rounding noise must not be lifted."""
-    coarsest = max(
-        (torch.finfo(d).eps for d in (x.dtype, dtype) if d in precision.LOW_PRECISION), default=0.0
-    )
-    floor = noise_cutoff(x.shape, coarsest).fro if coarsest > 0 else 0.0
-    return Cutoff(float(rtol), max(getattr(rtol, "fro", 0.0), floor))
 
 
 def plan_products(plan: Plan) -> dict[str, int]:

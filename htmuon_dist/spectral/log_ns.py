@@ -54,7 +54,7 @@ from functools import lru_cache
 import torch
 
 from . import chebyshev, precision
-from .cutoff import Cutoff, noise_cutoff
+from .cutoff import noise_cutoff, operand_cutoff
 from .registry import SpectralMethod, register_method
 from .tracked_ns import lawson_fit
 
@@ -158,9 +158,10 @@ def _fit(power: float, floor: float, steps) -> Plan:
 
 
 @lru_cache(maxsize=256)
-def make_plan(power: float, floor: float) -> Plan:
+def make_plan(power: float, floor: float, fit_target: float = FIT_TARGET) -> Plan:
     """The cheapest plan (fewest steps, then the first of :data:`STEPS`) whose fit is within
-    ``FIT_TARGET * power`` on ``[floor, 1]``; the most accurate one at MAX_STEPS otherwise."""
+    ``fit_target * power`` on ``[floor, 1]``; the most accurate one at MAX_STEPS otherwise. A
+    looser ``fit_target`` picks fewer steps (benchmarks/fast_ns_frontier.py's ``log_ns/fit0.07``)."""
     if not 0.0 < power < 1.0:
         raise ValueError(f"log_ns: power must be in (0, 1), got {power}")
     if not MIN_FLOOR <= floor <= MAX_FLOOR:
@@ -173,7 +174,7 @@ def make_plan(power: float, floor: float) -> Plan:
             if low < 0.25:  # the floor is not lifted into the band the final fit covers
                 continue
             plan = _fit(power, floor, steps)
-            if plan.bound <= FIT_TARGET * power:
+            if plan.bound <= fit_target * power:
                 return plan
             if best is None or plan.bound < best.bound:
                 best = plan
@@ -283,16 +284,9 @@ def log_ns_power(x: torch.Tensor, power: float, rtol: float, dtype: torch.dtype 
         raise ValueError(
             f"log_ns: power must be in (0, 1], got {power}; for Muon (power 0) use 'polar_express' or 'ns5'"
         )
-    rtol = own_cutoff(rtol, x, dtype)
+    rtol = operand_cutoff(rtol, x, dtype)
     plan = make_plan(float(power), plan_floor(rtol, x.size(-1)))
     return run_plan(x, plan, dtype)
-
-
-def own_cutoff(rtol: float, x: torch.Tensor, dtype: torch.dtype) -> Cutoff:
-    """``rtol`` raised to the noise rule of the coarsest 16-bit format x's values pass through."""
-    coarsest = max((torch.finfo(d).eps for d in (x.dtype, dtype) if d in precision.LOW_PRECISION), default=0.0)
-    floor = noise_cutoff(x.shape, coarsest).fro if coarsest > 0 else 0.0
-    return Cutoff(float(rtol), max(getattr(rtol, "fro", 0.0), floor))
 
 
 def plan_products(plan: Plan) -> dict[str, int]:

@@ -3,6 +3,7 @@
     python benchmarks/fast_ns_frontier.py                      # CPU, ~30-40 minutes, 1 thread
     python benchmarks/fast_ns_frontier.py --candidates "fast_ns;fast_ns/bf16;fast_ns/f1e-2;tracked_ns/fp32;ns5/bf16 (Muon)"
     python benchmarks/fast_ns_frontier.py --shapes 512x256 --powers 0.125 --candidates fast_ns
+    python benchmarks/fast_ns_frontier.py --candidates "log_ns;fast_ns"     # log_ns against fast_ns (~5 min)
 
 Per candidate, shape and p it prints:
 

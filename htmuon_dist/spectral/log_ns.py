@@ -261,13 +261,12 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
         pos += 2
         if k == 0:  # fold 1/||x0||_F and the carry into the right factor: x0 is exact in `first`
             xk = precision.mm(x0, step * (carry * torch.rsqrt(fro2)), first)
-            del x0
+            del x0  # memory: from here only X_k (float32) and (n, n) matrices are alive
         else:
             xk = precision.mm(xk, step, dtype)
     lmat = 0.5 * (lmat + lmat.mT)
     weight = precision.mm(step, _expm(lmat, plan, eye, dtype), dtype)
-    src = x0 * (carry * torch.rsqrt(fro2)) if plan.count == 1 else xk
-    out = precision.mm(src, weight, dtype) / carry
+    out = precision.mm(xk, weight, dtype) / carry  # plans have >= MIN_STEPS >= 2 steps: xk is X_{J-1}
     return out.mul_((two * fro2.sqrt()) ** plan.power)
 
 

@@ -61,30 +61,16 @@ def monotone_lift() -> float:
     return float(res.x[0])
 
 
-def _cheb(z: torch.Tensor, degree: int) -> list[torch.Tensor]:
-    cols = [torch.ones_like(z), z]
-    while len(cols) < degree + 1:
-        cols.append(2.0 * z * cols[-1] - cols[-2])
-    return cols[1 : degree + 1]
-
-
 def joint_fit(steps, power: float, floor: float, final_degree: int) -> float:
     """Largest |fit - (p ln σ - ln s_J)| over [floor, 1], divided by p (inf if a step blows up)."""
     sigma = torch.logspace(math.log10(floor), 0.0, 1500, dtype=torch.float64)
-    full = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
-    traj, traj_full = [sigma], [full]
-    for a, b, c in steps:
-        for t in (traj, traj_full):
-            s = t[-1]
-            t.append(s * (a + b * s * s + c * s**4))
+    traj = log_ns._trajectory(steps, sigma)
+    traj_full = log_ns._trajectory(steps, torch.linspace(0.0, 1.0, 1001, dtype=torch.float64))
     if not all(torch.isfinite(t).all() and t.abs().max() < 10 for t in traj_full):
         return math.inf
-    cols = [torch.ones_like(sigma)]
-    for k in range(len(steps)):
-        ymax = max(1.0, float((traj_full[k] ** 2).max()))
-        cols += _cheb(2.0 * traj[k] ** 2 / ymax - 1.0, final_degree if k == len(steps) - 1 else 2)
+    ymax = tuple(max(1.0, float((t * t).max())) for t in traj_full[:-1])
     target = power * sigma.log() - traj[-1].abs().clamp_min(1e-300).log()
-    _, err = lawson_fit(torch.stack(cols, dim=1), target, 40)
+    _, err = lawson_fit(log_ns._basis(traj, ymax, final_degree), target, 40)
     return err / power
 
 

@@ -56,7 +56,7 @@ import torch
 from . import chebyshev, precision
 from .cutoff import noise_cutoff, operand_cutoff
 from .registry import SpectralMethod, register_method
-from .tracked_ns import lawson_fit
+from .tracked_ns import lawson_fit, poly_basis
 
 DEFAULT_DTYPE = torch.float16
 # Step quintics h(y) = a + b y + c y^2 (s -> s h(s^2)), tried in this order at every step count.
@@ -106,14 +106,6 @@ def _h(q: tuple[float, float, float], y: torch.Tensor) -> torch.Tensor:
     return q[0] + q[1] * y + q[2] * y * y
 
 
-def _cheb(z: torch.Tensor, degree: int) -> list[torch.Tensor]:
-    """T_1(z) .. T_degree(z)."""
-    cols = [torch.ones_like(z), z]
-    while len(cols) < degree + 1:
-        cols.append(2.0 * z * cols[-1] - cols[-2])
-    return cols[1 : degree + 1]
-
-
 def _trajectory(steps, sigma: torch.Tensor) -> list[torch.Tensor]:
     """s_0 = sigma, s_1, ..., s_J (float64)."""
     out = [sigma]
@@ -123,14 +115,14 @@ def _trajectory(steps, sigma: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _basis(steps, ymax, sigma: torch.Tensor) -> torch.Tensor:
-    traj = _trajectory(steps, sigma)
-    cols = [torch.ones_like(sigma)]
-    last = len(steps) - 1
-    for k in range(len(steps)):
-        z = 2.0 * traj[k] ** 2 / ymax[k] - 1.0
-        cols += _cheb(z, FINAL_DEGREE if k == last else 2)
-    return torch.stack(cols, dim=1)
+def _basis(traj: list[torch.Tensor], ymax, final_degree: int = FINAL_DEGREE) -> torch.Tensor:
+    """The fit's columns from a trajectory s_0..s_J (:func:`_trajectory`): 1, then T_1, T_2 of
+    every y_k = s_k^2 on [0, ymax_k] for k < J-1 and T_1..T_final_degree of y_{J-1}."""
+    last = len(ymax) - 1
+    cols = [torch.ones_like(traj[0])[:, None]]
+    for k, top in enumerate(ymax):
+        cols.append(poly_basis(traj[k] ** 2, final_degree if k == last else 2, top)[:, 1:])
+    return torch.cat(cols, dim=1)
 
 
 def _exp_plan(lo: float, hi: float) -> tuple[float, int, int]:
@@ -147,11 +139,12 @@ def _exp_plan(lo: float, hi: float) -> tuple[float, int, int]:
 def _fit(power: float, floor: float, steps) -> Plan:
     sigma = torch.logspace(math.log10(floor), 0.0, 3000, dtype=torch.float64)
     full = torch.cat([torch.linspace(0.0, 1.0, 2001, dtype=torch.float64), sigma])
-    ymax = tuple(max(1.0, float((s * s).max())) for s in _trajectory(steps, full)[:-1])
+    traj_full = _trajectory(steps, full)
+    ymax = tuple(max(1.0, float((s * s).max())) for s in traj_full[:-1])
     traj = _trajectory(steps, sigma)
     target = power * sigma.log() - traj[-1].log()
-    coef, err = lawson_fit(_basis(steps, ymax, sigma), target, 60)
-    values = _basis(steps, ymax, full) @ coef  # L on every direction, the cut ones included
+    coef, err = lawson_fit(_basis(traj, ymax), target, 60)
+    values = _basis(traj_full, ymax) @ coef  # L on every direction, the cut ones included
     center, squarings, degree = _exp_plan(float(values.min()), float(values.max()))
     return Plan(float(power), float(floor), tuple(steps), ymax, tuple(coef.tolist()), center, squarings,
                 degree, float(err))

@@ -124,7 +124,7 @@ def _cheb(lo: float, hi: float, count: int) -> torch.Tensor:
     return lo + (hi - lo) * (t + 1.0) / 2.0
 
 
-def _basis(ys: torch.Tensor, degree: int, cheb_hi: float | None) -> torch.Tensor:
+def poly_basis(ys: torch.Tensor, degree: int, cheb_hi: float | None) -> torch.Tensor:
     """Monomials y^j, or Chebyshev T_j((2y - hi)/hi) on [0, hi] when ``cheb_hi`` is given."""
     if cheb_hi is None:
         return torch.stack([ys**j for j in range(degree + 1)], dim=1)
@@ -159,8 +159,8 @@ def _fit(
 ) -> tuple[torch.Tensor, float]:
     """Near-minimax weighted polynomial fit, float64.
 
-    Returns (coefficients low->high in the basis of :func:`_basis`, max weighted error over ys)."""
-    return lawson_fit(_basis(ys, degree, cheb_hi) * weight[:, None], target * weight)
+    Returns (coefficients low->high in the basis of :func:`poly_basis`, max weighted error over ys)."""
+    return lawson_fit(poly_basis(ys, degree, cheb_hi) * weight[:, None], target * weight)
 
 
 def _fit_g(power: float, hi: float, steps: int) -> tuple[float, ...]:
@@ -191,7 +191,7 @@ def _evaluate(sched_parts: tuple, power: float, steps: int, s0: torch.Tensor) ->
     for k in range(steps):
         acc = acc * _poly(g_first if k == 0 else g_rest, traj[k] ** 2)
     sj = traj[steps]
-    return sj * (_basis(sj * sj, len(f) - 1, F_HI) @ torch.tensor(f, dtype=sj.dtype)) * acc
+    return sj * (poly_basis(sj * sj, len(f) - 1, F_HI) @ torch.tensor(f, dtype=sj.dtype)) * acc
 
 
 @lru_cache(maxsize=64)

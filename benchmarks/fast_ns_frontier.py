@@ -126,7 +126,8 @@ def _log(dtype: torch.dtype = log_ns.DEFAULT_DTYPE, fit_target: Optional[float] 
     def run(x: torch.Tensor, power: float) -> torch.Tensor:
         rtol = default_rtol(torch.bfloat16, x.shape)
         floor = log_ns.plan_floor(rtol, x.size(-1))
-        plan = log_ns.make_plan(power, floor, log_ns.FIT_TARGET if fit_target is None else fit_target)
+        plan = log_ns.make_plan(power, floor, log_ns.x_steps_for(x.size(-2), x.size(-1)),
+                                log_ns.FIT_TARGET if fit_target is None else fit_target)
         return log_ns.run_plan(x, plan, dtype)
 
     return run
@@ -173,7 +174,8 @@ EXACT = ("exact/",)  # not priced: decompositions, priced by gpu_cost.py
 
 
 class _Flops(TorchDispatchMode):
-    """Multiply-adds x 2 of every matrix product, by operand dtype."""
+    """Multiply-adds x 2 of every matrix product on ``meta`` tensors, by operand dtype. Host-side
+    plan building (float64 fits on the CPU, once per plan and cached) is not GPU work: not counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,6 +183,8 @@ class _Flops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        if name in ("mm", "bmm", "addmm", "baddbmm") and args[1].device.type != "meta":
+            return func(*args, **(kwargs or {}))
         if name in ("mm", "bmm"):
             a, b = args[0], args[1]
             batch = a.size(0) if a.dim() == 3 else 1

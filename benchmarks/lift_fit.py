@@ -1,5 +1,5 @@
 """Why a matmul-only Σ^p does not reach 1.5x NS5 here: the numbers behind docs/spectral.md's
-"Why neither method reaches 1.5x NS5", computed on the host in float64 (no matrices, no timing).
+"Why an X-space lift alone does not reach 1.5x NS5", computed on the host in float64 (no matrices, no timing).
 
     python benchmarks/lift_fit.py                  # ~30 s on one CPU core
     python benchmarks/lift_fit.py --floor 2e-4 --steps 6,7,8
@@ -70,7 +70,7 @@ def joint_fit(steps, power: float, floor: float, final_degree: int) -> float:
         return math.inf
     ymax = tuple(max(1.0, float((t * t).max())) for t in traj_full[:-1])
     target = power * sigma.log() - traj[-1].abs().clamp_min(1e-300).log()
-    _, err = lawson_fit(log_ns._basis(traj, ymax, final_degree), target, 40)
+    _, err = lawson_fit(log_ns._basis([t * t for t in traj[:-1]], ymax, final_degree), target, 40)
     return err / power
 
 

@@ -34,7 +34,8 @@ def test_plan_bound_is_what_it_applies() -> None:
     # float32 products must apply that F to each singular value (a diagonal matrix: the singular
     # vectors are the axes, so each direction is read off directly; F need not be monotone)
     n, power = 48, 0.125
-    plan = log_ns.make_plan(power, 1e-3)
+    plan = log_ns.make_plan(power, 1e-3, log_ns.x_steps_for(80, n))
+    assert len(plan.steps) == 1 and len(plan.gram) >= 1  # tall: one X step, then the Gram phase
     assert plan.bound <= log_ns.FIT_TARGET * power
     s = torch.logspace(-3, 0, n, dtype=torch.float64)
     x = torch.zeros(80, n, dtype=torch.float64)
@@ -55,7 +56,9 @@ def test_power_zero_and_bad_floor_name_the_fix() -> None:
     with pytest.raises(ValueError, match="polar_express"):
         log_ns_power(x, 0.0, 1e-3)
     with pytest.raises(ValueError, match="floor"):
-        log_ns.make_plan(0.125, 0.5)
+        log_ns.make_plan(0.125, 0.5, 1)
+    with pytest.raises(ValueError, match="x_steps"):
+        log_ns.make_plan(0.125, 1e-3, 0)
 
 
 def test_registry_says_it_has_no_rank_cutoff_and_auto_never_picks_it() -> None:
@@ -76,4 +79,23 @@ def test_registry_cost_and_workspace() -> None:
     assert 1.0 < method_cost("log_ns", 5461, 2048) / ns5 < method_cost("fast_ns", 5461, 2048) / ns5
     assert method_cost("log_ns", 2048, 5461) == method_cost("log_ns", 5461, 2048)
     assert method_workspace("log_ns", 5461, 2048) >= 16 * 5461 * 2048
-    assert math.isfinite(log_ns.make_plan(0.125, 2.7e-4).bound)
+    assert math.isfinite(log_ns.make_plan(0.125, 2.7e-4, 1).bound)
+
+
+def test_plan_fit_is_reproducible_and_small() -> None:
+    # the fit's columns are near-collinear after a long Gram phase; with the ridge term two fits
+    # agree (a plain lstsq varied between runs, with coefficients up to 1e3) and stay small
+    steps, gram = (log_ns.X_STEP,), (log_ns.GRAM_STEP,) * 16
+    a = log_ns._fit(0.0625, 2.7e-4, steps, gram)
+    b = log_ns._fit(0.0625, 2.7e-4, steps, gram)
+    assert max(abs(u - v) for u, v in zip(a.coef, b.coef)) < 1e-9
+    assert max(abs(c) for c in a.coef) <= log_ns.MAX_COEF and a.squarings <= log_ns.MAX_SQUARINGS
+    assert a.bound <= log_ns.FIT_TARGET * 0.0625
+
+
+def test_tall_plans_run_one_x_step_square_ones_three() -> None:
+    # the priced cost at the LLaMA shapes rests on this split (docs/spectral.md, "log_ns")
+    assert log_ns.x_steps_for(5461, 2048) == 1 and log_ns.x_steps_for(2048, 2048) == 3
+    ns5 = method_cost("ns5", 5461, 2048)
+    assert method_cost("log_ns", 5461, 2048) / ns5 <= 1.5
+    assert method_cost("log_ns", 11008, 4096) / method_cost("ns5", 11008, 4096) <= 1.5

@@ -1,40 +1,44 @@
 """``"log_ns"``: HTMuon's ``U Σ^p V^T`` from 16-bit matrix products, tracked in the log domain.
 
-A Newton–Schulz step ``X_{k+1} = X_k h_k(G_k)``, ``G_k = X_k^T X_k``, maps every singular value
-``s_k`` to ``s_{k+1} = s_k h_k(s_k^2)``. After J steps ``s_J(σ)`` is a known scalar function of
-the normalised singular value ``σ`` (the composition of the steps), and so is every ``y_k =
-s_k(σ)^2``, the eigenvalue of ``G_k`` in the direction of ``σ``. The update needs, per
-direction, the factor ``σ^p / s_J(σ)``. Its logarithm
+Two phases lift every normalised singular value ``σ`` of ``X_0 = M / ||M||_F`` from the noise
+cutoff towards 1, and each produces Gram matrices whose eigenvalue in the direction of ``σ`` is a
+known scalar function of ``σ``:
 
-    ℓ(σ) = p ln σ - ln s_J(σ)
+1. **X phase** (``plan.steps``, k1 Newton–Schulz quintics): ``G_k = X_k^T X_k``, ``X_{k+1} = X_k
+   h(G_k)``, ``s_{k+1} = s_k h(s_k^2)``. Each step forms a fresh Gram matrix from the lifted
+   ``X_k``, so its 16-bit rounding is relative to the current spectrum: this is the phase that
+   handles the smallest singular values. It stops at ``X_{k1}``: after one step on tall
+   matrices, three near square (:func:`x_steps_for`).
+2. **Gram phase** (``plan.gram``, k2 quadratics): ``G_{j+1} = a G_j + b G_j^2``, one (n, n)
+   product per step, where an X step costs ``2 m n^2 + n^3``. A quadratic in ``y`` lifts 2.5x
+   per product (a quintic X step 9x in ``y`` per three products at best), so on tall matrices
+   this phase does the rest of the lift at a fraction of the cost.
 
-is fitted, once per (p, floor), in float64 on the host, as a sum of low-degree polynomials of
-the ``y_k``: two Chebyshev terms per step (``G_k`` and ``G_k^2``, which the step computes anyway)
-and ``FINAL_DEGREE`` terms in the last Gram matrix. The matrix side only adds these up:
+The update needs, per direction, ``σ^p / s_{k1}(σ)``. Its logarithm ``ℓ(σ) = p ln σ - ln
+s_{k1}(σ)`` is fitted, once per plan, in float64 on the host, as a sum of Chebyshev terms of the
+Gram eigenvalues: ``T_1, T_2`` of every ``G_k`` (``G_k^2`` is computed anyway) and
+``FINAL_DEGREE`` terms in the last one, ``G_K``:
 
-    L = c_0 I + Σ_k (c_k1 T_1(Z_k) + c_k2 T_2(Z_k)) + Σ_j d_j T_j(Z_{J-1}),   Z_k = 2 G_k / y_k,max - I,
-    T = X_{J-1} · (h_{J-1}(G_{J-1}) · exp(L))      (T = X_J exp(L), without forming X_J)
+    L = c_0 I + Σ_{k<K} (c_k1 T_1(Z_k) + c_k2 T_2(Z_k)) + Σ_j d_j T_j(Z_K),   Z_k = 2 G_k / ymax_k - I,
+    T = X_{k1} · exp(L)
 
-The sum costs no product (the per-step terms are elementwise), where :mod:`.fast_ns` multiplies a
-running product by a fitted ``g_k ~ h_k^(-p)`` every step and evaluates a degree 9-11 final
-polynomial. ``exp(L)`` is one Taylor polynomial by Paterson–Stockmeyer blocks, with scaling and
-squaring where ``L``'s range needs it. Because the fit is joint (all steps at once, not one
-factor per step), the steps can be faster than a factor-per-step method tolerates: Jordan's NS5
-quintic or a milder one, repeated (:data:`STEPS`).
+The sum costs no product. ``exp(L)`` is one Taylor polynomial by Paterson–Stockmeyer blocks, with
+scaling and squaring where ``L``'s range needs it. The fit is joint (all Gram matrices at once),
+so the steps may fold (map distinct σ onto the same later value: the earlier Gram matrices still
+tell them apart).
 
-**Normalisation, and no cut.** ``X_0 = M / ||M||_F``. The noise cutoff ``τ = fro ||M||_F`` (the
-exact methods' rule, :mod:`.cutoff`) is then at the normalised value ``fro``, a host constant,
-for every matrix, so the plan lifts exactly from ``floor = fro``. Directions above ``τ`` are
-fitted (``plan.bound``: the largest error of ``ln(F(σ)/σ^p)`` over ``[fro, 1]`` in exact
-arithmetic). Below ``τ`` the output is whatever the fitted polynomials extrapolate to: there is
-**no rank cutoff**, and directions that bf16 rounding created in a rank-deficient matrix keep
-weight (5-23x the accuracy bar on tests/test_cutoff.py's rank-deficient inputs). The registry
-says so (``cuts_noise=False``) and ``auto`` never picks it: it is for full-rank momenta.
-docs/spectral.md, "log_ns", has the measurements and the cut variants that were tried.
+**Normalisation, and no cut.** The noise cutoff ``τ = fro ||M||_F`` (the exact methods' rule,
+:mod:`.cutoff`) is at the normalised value ``fro``, a host constant, for every matrix, so the plan
+lifts exactly from ``floor = fro``. Directions above ``τ`` are fitted (``plan.bound``: the largest
+error of ``ln(F(σ)/σ^p)`` over ``[fro, 1]`` in exact arithmetic). Below ``τ`` the output is
+whatever the fitted polynomials extrapolate to: there is **no rank cutoff**, and directions that
+bf16 rounding created in a rank-deficient matrix keep weight. The registry says so
+(``cuts_noise=False``) and ``auto`` never picks it: it is for full-rank momenta.
+docs/spectral.md, "log_ns", has the measurements.
 
 **Precision.** Every product goes through :func:`.precision.mm` with float32 output. The first
-Gram matrix multiplies the input itself, scaled by a power of two: exact for bf16/fp16 data, so
-it runs in the input's own dtype. Every later operand is rounded to fp16 (default), whose 11-bit
+Gram matrix multiplies the input itself, scaled by a power of two: exact for bf16/fp16 data, so it
+runs in the input's own dtype. Every later operand is rounded to fp16 (default), whose 11-bit
 significand keeps ``X_k``'s rounding ~8x under the bf16 noise cutoff at bf16's tensor-core rate.
 ``X_k`` is carried scaled by a power of two near ``sqrt(m)`` so that its entries stay far from
 fp16's subnormal range. Errors of the (n, n) side enter ``L`` additively, i.e. relatively per
@@ -59,18 +63,37 @@ from .registry import SpectralMethod, register_method
 from .tracked_ns import lawson_fit, poly_basis
 
 DEFAULT_DTYPE = torch.float16
-# Step quintics h(y) = a + b y + c y^2 (s -> s h(s^2)), tried in this order at every step count.
-# "jordan" is Muon's NS5 step (lift 3.44 per step); "mild" lifts 3.0 with a smoother h.
+# Step quintics h(y) = a + b y + c y^2 (s -> s h(s^2)). The X phase uses "mild" (lift 3.0, a
+# smoother h than Jordan's); benchmarks/lift_fit.py compares both as pure-X schedules.
 STEPS: dict[str, tuple[float, float, float]] = {
     "mild": (3.0, -4.5, 1.8),
     "jordan": (3.4445, -4.7750, 2.0315),
 }
-MIN_STEPS, MAX_STEPS = 3, 10
-FINAL_DEGREE = 6  # Chebyshev terms in the last Gram matrix (T_1, T_2 free; the rest 3 products, .chebyshev)
+X_STEP = STEPS["mild"]
+# Gram-phase quadratic y -> a y + b y^2: lift 2.5 in y, largest value 1 (at y = 0.8), so it maps
+# [0, 1.6] into [0, 1] (values above 0.8 fold; the fit reads them off earlier Gram matrices).
+GRAM_STEP = (2.5, -1.5625)
+# X steps per plan: an X step costs 2 m n^2 + n^3, the Gram steps that lift as far ~2.4 n^3. On
+# tall matrices (m >= TALL n) one X step, which lifts the floor 3x before the Gram phase, is
+# enough: fp16 rounding of the (n, n) side moves an eigenvalue by ~u ||G||_F / n, small against
+# the floor's, and most of the lift runs at n^3 per product. Near square, X steps cost barely more
+# than the Gram lift they replace and hold the floor's precision better. Measured
+# (benchmarks/fast_ns_frontier.py, bf16 data, worst err/gap of the four spectra at p = 1/16):
+# 1365 x 512: 0.142 (1 X step, priced 1.09x NS5), 0.157 (3 X steps, 1.31x); 1024 x 1024 power
+# law: 0.156 (1 X step), 0.087 (3 X steps) at 1.87x and 1.93x.
+TALL, TALL_X_STEPS, SQUARE_X_STEPS = 1.5, 1, 3
+FINAL_LOW = 0.25  # the floor's eigenvalue in the last Gram matrix: the final series' range
+MAX_X_STEPS, MAX_GRAM_STEPS = 8, 16
+MAX_COEF, MAX_SQUARINGS = 4.0, 4  # :func:`_well_posed` (accepted fits measured 0.4-2.3 and 2-4)
+FINAL_DEGREE = 6  # Chebyshev terms in the last Gram matrix (T_1, T_2 free; the rest 2 products, .chebyshev)
 # A plan is accepted when its fitted log error is at most FIT_TARGET * p over [floor, 1]. The
 # accuracy bar's gap is at least ~0.35 p on the test spectra (docs/spectral.md), so this keeps
 # the fit alone under a tenth of the 0.25 x gap target, leaving the rest for rounding.
 FIT_TARGET = 0.035
+# The fit's columns are near-collinear once several Gram steps have saturated; a Tikhonov term
+# keeps the coefficients ~0.5 and the plan the same in every process (plain lstsq: up to 1e3,
+# varying between runs), at no cost in the fitted bound.
+FIT_RIDGE = 1e-8
 EXP_TOL = 2e-5  # truncation of the Taylor series of exp on the scaled range
 MIN_FLOOR = 1e-5  # an explicit rtol smaller than this is lifted from here (16-bit data never needs it)
 MAX_FLOOR = 0.05
@@ -80,16 +103,18 @@ MAX_FLOOR = 0.05
 class Plan:
     """The host side of one log_ns run (float64 scalars).
 
-    steps: ``(a, b, c)`` per step (J); ``ymax``: the Chebyshev interval ``[0, ymax_k]`` of each
-    ``G_k``; ``coef``: ``c_0``, then ``(c_k1, c_k2)`` for k < J-1, then the ``FINAL_DEGREE``
-    coefficients of ``Z_{J-1}``; ``center``/``squarings``/``taylor``: ``exp(L) =
-    e^center (Σ_j (L - center)^j / (2^s)^j / j!)^(2^s)``; ``bound``: max |ln(F(σ)/σ^p)| over
-    ``σ in [floor, 1]`` in exact arithmetic.
+    steps: the X phase's ``(a, b, c)`` quintics (k1 >= 1); gram: the Gram phase's ``(a, b)``
+    quadratics (k2); ``ymax``: the Chebyshev interval ``[0, ymax_k]`` of each ``G_0..G_K``
+    (K = k1 + k2); ``coef``: ``c_0``, then ``(c_k1, c_k2)`` for k < K, then the ``FINAL_DEGREE``
+    coefficients of ``Z_K``; ``center``/``squarings``/``taylor``: ``exp(L) = e^center (Σ_j
+    (L - center)^j / (2^s)^j / j!)^(2^s)``; ``bound``: max |ln(F(σ)/σ^p)| over ``σ in [floor,
+    1]`` in exact arithmetic.
     """
 
     power: float
     floor: float
     steps: tuple[tuple[float, float, float], ...]
+    gram: tuple[tuple[float, float], ...]
     ymax: tuple[float, ...]
     coef: tuple[float, ...]
     center: float
@@ -97,17 +122,13 @@ class Plan:
     taylor: int
     bound: float
 
-    @property
-    def count(self) -> int:
-        return len(self.steps)
-
 
 def _h(q: tuple[float, float, float], y: torch.Tensor) -> torch.Tensor:
     return q[0] + q[1] * y + q[2] * y * y
 
 
 def _trajectory(steps, sigma: torch.Tensor) -> list[torch.Tensor]:
-    """s_0 = sigma, s_1, ..., s_J (float64)."""
+    """s_0 = sigma, s_1, ..., s_J of X steps (float64)."""
     out = [sigma]
     for q in steps:
         s = out[-1]
@@ -115,13 +136,22 @@ def _trajectory(steps, sigma: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _basis(traj: list[torch.Tensor], ymax, final_degree: int = FINAL_DEGREE) -> torch.Tensor:
-    """The fit's columns from a trajectory s_0..s_J (:func:`_trajectory`): 1, then T_1, T_2 of
-    every y_k = s_k^2 on [0, ymax_k] for k < J-1 and T_1..T_final_degree of y_{J-1}."""
+def _gram_values(steps, gram, sigma: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(the eigenvalues y_0..y_K of G_0..G_K in the direction of each sigma, s_{k1}) (float64)."""
+    traj = _trajectory(steps, sigma)
+    ys = [s * s for s in traj]
+    for a, b in gram:
+        ys.append(a * ys[-1] + b * ys[-1] ** 2)
+    return ys, traj[-1]
+
+
+def _basis(ys: list[torch.Tensor], ymax, final_degree: int = FINAL_DEGREE) -> torch.Tensor:
+    """The fit's columns: 1, then T_1, T_2 of every y_k on [0, ymax_k] but the last, and
+    T_1..T_final_degree of the last."""
     last = len(ymax) - 1
-    cols = [torch.ones_like(traj[0])[:, None]]
+    cols = [torch.ones_like(ys[0])[:, None]]
     for k, top in enumerate(ymax):
-        cols.append(poly_basis(traj[k] ** 2, final_degree if k == last else 2, top)[:, 1:])
+        cols.append(poly_basis(ys[k], final_degree if k == last else 2, top)[:, 1:])
     return torch.cat(cols, dim=1)
 
 
@@ -136,44 +166,67 @@ def _exp_plan(lo: float, hi: float) -> tuple[float, int, int]:
     return center, squarings, degree
 
 
-def _fit(power: float, floor: float, steps) -> Plan:
+def _fit(power: float, floor: float, steps, gram) -> Plan:
     sigma = torch.logspace(math.log10(floor), 0.0, 3000, dtype=torch.float64)
     full = torch.cat([torch.linspace(0.0, 1.0, 2001, dtype=torch.float64), sigma])
-    traj_full = _trajectory(steps, full)
-    ymax = tuple(max(1.0, float((s * s).max())) for s in traj_full[:-1])
-    traj = _trajectory(steps, sigma)
-    target = power * sigma.log() - traj[-1].log()
-    coef, err = lawson_fit(_basis(traj, ymax), target, 60)
-    values = _basis(traj_full, ymax) @ coef  # L on every direction, the cut ones included
+    ys_full, _ = _gram_values(steps, gram, full)
+    ymax = tuple(max(1.0, float(y.max())) for y in ys_full)
+    ys, lifted = _gram_values(steps, gram, sigma)
+    target = power * sigma.log() - lifted.log()
+    coef, err = lawson_fit(_basis(ys, ymax), target, 60, ridge=FIT_RIDGE)
+    values = _basis(ys_full, ymax) @ coef  # L on every direction, the ones under the floor included
     center, squarings, degree = _exp_plan(float(values.min()), float(values.max()))
-    return Plan(float(power), float(floor), tuple(steps), ymax, tuple(coef.tolist()), center, squarings,
-                degree, float(err))
+    return Plan(float(power), float(floor), tuple(steps), tuple(gram), ymax, tuple(coef.tolist()), center,
+                squarings, degree, float(err))
 
 
-@lru_cache(maxsize=256)
-def make_plan(power: float, floor: float, fit_target: float = FIT_TARGET) -> Plan:
-    """The cheapest plan (fewest steps, then the first of :data:`STEPS`) whose fit is within
-    ``fit_target * power`` on ``[floor, 1]``; the most accurate one at MAX_STEPS otherwise. A
-    looser ``fit_target`` picks fewer steps (benchmarks/fast_ns_frontier.py's ``log_ns/fit0.07``)."""
+def x_steps_for(m: int, n: int) -> int:
+    """k1, the X phase's length, for (m, n) matrices, m >= n (see :data:`TALL`)."""
+    return TALL_X_STEPS if m >= TALL * n else SQUARE_X_STEPS
+
+
+def make_plan(power: float, floor: float, x_steps: int, fit_target: float = FIT_TARGET) -> Plan:
+    """``x_steps`` X steps (:func:`x_steps_for`), then the fewest Gram steps that lift the floor
+    to FINAL_LOW with a well-posed fit (:func:`_well_posed`) within ``fit_target * power`` on
+    ``[floor, 1]``; if a well-posed fit needs it, more X steps; the most accurate well-posed
+    plan otherwise. A looser ``fit_target`` picks fewer steps (benchmarks/fast_ns_frontier.py's
+    ``log_ns/fit0.07``)."""
     if not 0.0 < power < 1.0:
         raise ValueError(f"log_ns: power must be in (0, 1), got {power}")
     if not MIN_FLOOR <= floor <= MAX_FLOOR:
         raise ValueError(f"log_ns: floor must be in [{MIN_FLOOR}, {MAX_FLOOR}], got {floor}")
+    if not 1 <= x_steps <= MAX_X_STEPS:
+        raise ValueError(f"log_ns: x_steps must be in [1, {MAX_X_STEPS}], got {x_steps}")
+    return _plan(float(power), float(floor), int(x_steps), float(fit_target))
+
+
+@lru_cache(maxsize=256)
+def _plan(power: float, floor: float, x_steps: int, fit_target: float) -> Plan:
     best = None
-    for count in range(MIN_STEPS, MAX_STEPS + 1):
-        for q in STEPS.values():
-            steps = (q,) * count
-            low = float(_trajectory(steps, torch.tensor([floor], dtype=torch.float64))[-1])
-            if low < 0.25:  # the floor is not lifted into the band the final fit covers
+    for k1 in range(x_steps, MAX_X_STEPS + 1):
+        steps = (X_STEP,) * k1
+        for count in range(MAX_GRAM_STEPS + 1):
+            gram = (GRAM_STEP,) * count
+            ys, _ = _gram_values(steps, gram, torch.tensor([floor], dtype=torch.float64))
+            if float(ys[-1]) < FINAL_LOW:  # the floor is not lifted into the band the final fit covers
                 continue
-            plan = _fit(power, floor, steps)
+            plan = _fit(power, floor, steps, gram)
+            if not _well_posed(plan):
+                break  # more Gram steps only add collinear columns: one more X step instead
             if plan.bound <= fit_target * power:
                 return plan
             if best is None or plan.bound < best.bound:
                 best = plan
     if best is None:
-        raise RuntimeError(f"log_ns: no schedule lifts {floor} within {MAX_STEPS} steps")
+        raise RuntimeError(f"log_ns: no schedule lifts {floor} within {MAX_X_STEPS} X and {MAX_GRAM_STEPS} Gram steps")
     return best
+
+
+def _well_posed(plan: Plan) -> bool:
+    """A fit whose coefficients stay small (rounding of each term is not amplified) and whose L
+    stays in a range exp covers in a few squarings on every direction, those under the floor
+    included. Long Gram phases from a low floor can fail this (near-collinear columns)."""
+    return max(abs(c) for c in plan.coef) <= MAX_COEF and plan.squarings <= MAX_SQUARINGS
 
 
 def plan_floor(rtol: float, n: int) -> float:
@@ -233,33 +286,46 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
     fro2 = x0.square().sum(dim=(-2, -1), keepdim=True)
     fro2 = torch.where(fro2 > 0, fro2, torch.ones_like(fro2))
     carry = 2.0 ** round(math.log2(math.sqrt(m)))  # X_k is held as carry * X_k (fp16 range)
-    last = plan.count - 1
     coef = plan.coef
     lmat = coef[0] * eye
-    xk = x0
     pos = 1
+
+    def add_terms(k: int, gram: torch.Tensor, gram2: torch.Tensor) -> None:
+        nonlocal lmat, pos
+        z, t2 = _cheb_matrix(gram, gram2, plan.ymax[k], eye)
+        lmat = lmat + coef[pos] * z + coef[pos + 1] * t2
+        pos += 2
+
+    # X phase: G_k from the lifted X_k, k < k1; ends with X_{k1} (plans have k1 >= 1)
+    xk = x0
     for k, q in enumerate(plan.steps):
         if k == 0:
             gram = precision.mm(x0.mT, x0, first) / fro2  # G_0 of X_0 = x0 / ||x0||_F
         else:
             gram = precision.mm(xk.mT, xk, dtype) / carry**2
         gram2 = precision.mm(gram, gram, dtype)
-        z, t2 = _cheb_matrix(gram, gram2, plan.ymax[k], eye)
+        add_terms(k, gram, gram2)
         step = q[0] * eye + q[1] * gram + q[2] * gram2
-        if k == last:  # T_1..T_FINAL_DEGREE of the last Gram, by Paterson-Stockmeyer blocks
-            lmat = lmat + chebyshev.matrix_series((0.0,) + coef[pos:], z, eye,
-                                                  lambda a, b: precision.mm(a, b, dtype), t2=t2)
-            break
-        lmat = lmat + coef[pos] * z + coef[pos + 1] * t2
-        pos += 2
         if k == 0:  # fold 1/||x0||_F and the carry into the right factor: x0 is exact in `first`
             xk = precision.mm(x0, step * (carry * torch.rsqrt(fro2)), first)
             del x0  # memory: from here only X_k (float32) and (n, n) matrices are alive
         else:
             xk = precision.mm(xk, step, dtype)
+    # Gram phase: one (n, n) product per step gives T_2 of G_j and G_{j+1}
+    k = len(plan.steps)
+    gram = precision.mm(xk.mT, xk, dtype) / carry**2
+    for a, b in plan.gram:
+        gram2 = precision.mm(gram, gram, dtype)
+        add_terms(k, gram, gram2)
+        gram = a * gram + b * gram2
+        gram = 0.5 * (gram + gram.mT)
+        k += 1
+    # T_1..T_FINAL_DEGREE of the last Gram, by Paterson-Stockmeyer blocks
+    z, t2 = _cheb_matrix(gram, precision.mm(gram, gram, dtype), plan.ymax[k], eye)
+    lmat = lmat + chebyshev.matrix_series((0.0,) + coef[pos:], z, eye,
+                                          lambda u, v: precision.mm(u, v, dtype), t2=t2)
     lmat = 0.5 * (lmat + lmat.mT)
-    weight = precision.mm(step, _expm(lmat, plan, eye, dtype), dtype)
-    out = precision.mm(xk, weight, dtype) / carry  # plans have >= MIN_STEPS >= 2 steps: xk is X_{J-1}
+    out = precision.mm(xk, _expm(lmat, plan, eye, dtype), dtype) / carry
     return out.mul_((two * fro2.sqrt()) ** plan.power)
 
 
@@ -277,25 +343,24 @@ def log_ns_power(x: torch.Tensor, power: float, rtol: float, dtype: torch.dtype 
             f"log_ns: power must be in (0, 1], got {power}; for Muon (power 0) use 'polar_express' or 'ns5'"
         )
     rtol = operand_cutoff(rtol, x, dtype)
-    plan = make_plan(float(power), plan_floor(rtol, x.size(-1)))
-    return run_plan(x, plan, dtype)
+    m, n = x.size(-2), x.size(-1)
+    return run_plan(x, make_plan(float(power), plan_floor(rtol, n), x_steps_for(m, n)), dtype)
 
 
 def plan_products(plan: Plan) -> dict[str, int]:
     """Products of one matrix by kind: ``"mn2"`` (the Gram X^T X or X·W: 2 m n^2 FLOPs each)
     and ``"n3"`` (n x n by n x n: 2 n^3 FLOPs each)."""
-    j = plan.count
-    mn2 = j + (j - 1) + 1  # G_k per step, X_{k+1} for all but the last, the final X_{J-1} W
-    n3 = j + chebyshev.products(FINAL_DEGREE, t2_given=True)  # G_k^2 per step; the last Gram's series
-    n3 += (2 if plan.taylor >= 3 else 1) + plan.taylor // 3 + plan.squarings
-    n3 += 1  # h_{J-1} exp(L)
+    k1, k2 = len(plan.steps), len(plan.gram)
+    mn2 = 2 * k1 + 2  # G_k and X_{k+1} per X step, G_{k1}, the final X_{k1} exp(L)
+    n3 = k1 + k2 + 1 + chebyshev.products(FINAL_DEGREE, t2_given=True)  # every G_k^2; the last series
+    n3 += (2 if plan.taylor >= 3 else 1) + plan.taylor // 3 + plan.squarings  # exp(L)
     return {"mn2": mn2, "n3": n3}
 
 
 def log_ns_cost(m: int, n: int, power: float = 0.125) -> float:
     """FLOPs of one (m, n) matrix, m >= n, all 16-bit operands, for bf16 data's noise cutoff."""
     eps = torch.finfo(torch.bfloat16).eps
-    counts = plan_products(make_plan(power, plan_floor(noise_cutoff((m, n), eps), n)))
+    counts = plan_products(make_plan(power, plan_floor(noise_cutoff((m, n), eps), n), x_steps_for(m, n)))
     return 2.0 * m * n * n * counts["mn2"] + 2.0 * n**3 * counts["n3"]
 
 
@@ -314,9 +379,10 @@ register_method(
         exact=False,
         powers="any",
         description=(
-            "approximate, matmul-only in fp16/bf16 with fp32 accumulation: Newton-Schulz lift "
-            "with a joint log-domain fit of sigma^p; for full-rank 16-bit momenta on GPUs (no rank "
-            "cutoff: rounding-made directions of rank-deficient data keep weight)"
+            "approximate, matmul-only in fp16/bf16 with fp32 accumulation: Newton-Schulz lift, "
+            "then Gram-space quadratic steps, with a joint log-domain fit of sigma^p; for full-rank "
+            "16-bit momenta on GPUs (no rank cutoff: rounding-made directions of rank-deficient "
+            "data keep weight)"
         ),
         workspace=log_ns_workspace,
         cuts_noise=False,

@@ -135,16 +135,25 @@ def poly_basis(ys: torch.Tensor, degree: int, cheb_hi: float | None) -> torch.Te
     return torch.stack(cols[: degree + 1], dim=1)
 
 
-def lawson_fit(basis: torch.Tensor, rhs: torch.Tensor, iters: int = 60) -> tuple[torch.Tensor, float]:
+def lawson_fit(basis: torch.Tensor, rhs: torch.Tensor, iters: int = 60,
+               ridge: float = 0.0) -> tuple[torch.Tensor, float]:
     """Near-minimax fit ``basis @ coef ~ rhs`` (Lawson's reweighted least squares), float64.
 
     basis: (k, d), rhs: (k,). Returns (coef (d,), max |basis @ coef - rhs|) of the best iterate.
-    Host-side schedule building only (it reads values), never inside a step."""
+    ``ridge > 0`` solves each weighted least-squares problem with a Tikhonov term ``ridge
+    ||coef||^2`` (the weights sum to 1): for near-collinear columns, where a plain ``lstsq``
+    returns large coefficients that differ from run to run. Host-side schedule building only (it
+    reads values), never inside a step."""
     lw = torch.full_like(rhs, 1.0 / rhs.numel())
+    eye = torch.eye(basis.size(1), dtype=basis.dtype)
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(iters):
-        sw = lw.sqrt()
-        coef = torch.linalg.lstsq(basis * sw[:, None], (rhs * sw)[:, None]).solution[:, 0]
+        if ridge > 0.0:
+            weighted = basis * lw[:, None]
+            coef = torch.linalg.solve(basis.T @ weighted + ridge * eye, weighted.T @ rhs)
+        else:
+            sw = lw.sqrt()
+            coef = torch.linalg.lstsq(basis * sw[:, None], (rhs * sw)[:, None]).solution[:, 0]
         err = (basis @ coef - rhs).abs()
         if best is None or err.max().item() < best[1]:
             best = (coef, err.max().item())

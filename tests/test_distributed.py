@@ -197,8 +197,10 @@ def test_reference_variants_and_approximate_methods_shard_like_eigh(method, back
     want = reference_run("llama", world, 2, 1, opts)
     # fast_ns rounds its operands to fp16: the gradients' reduction order (1e-7) flips an
     # operand's rounding here and there (5e-4 each), as bf16 on the wire does (test below);
-    # measured 1.5-3e-4 (CPU, gloo, W = 2-4)
-    tol = 2e-3 if method in ("fast_ns", "log_ns") else TOL
+    # measured 1.5-3e-4 (CPU, gloo, W = 2-4). log_ns measured 2.0e-3 (fsdp1, W = 2): its Gram
+    # phase runs ~12 fp16 (n, n) products, and at these n (<= 64) each rounds more than at LLaMA
+    # sizes (an eigenvalue moves by ~u ||G||_F / n)
+    tol = {"fast_ns": 2e-3, "log_ns": 5e-3}.get(method, TOL)
     for r in run_ranks(sharded_worker, world, "llama", backend, 2, 1, opts):
         assert_same_params(r["params"], want, tol=tol)
 

@@ -124,10 +124,8 @@ def _log(dtype: torch.dtype = log_ns.DEFAULT_DTYPE, fit_target: Optional[float] 
     picks fewer or faster steps)."""
 
     def run(x: torch.Tensor, power: float) -> torch.Tensor:
-        rtol = default_rtol(torch.bfloat16, x.shape)
-        floor = log_ns.plan_floor(rtol, x.size(-1))
-        plan = log_ns.make_plan(power, floor, log_ns.x_steps_for(x.size(-2), x.size(-1)),
-                                log_ns.FIT_TARGET if fit_target is None else fit_target)
+        plan = log_ns.plan_for(power, default_rtol(torch.bfloat16, x.shape), x.size(-2), x.size(-1),
+                               log_ns.FIT_TARGET if fit_target is None else fit_target)
         return log_ns.run_plan(x, plan, dtype)
 
     return run

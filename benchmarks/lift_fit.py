@@ -34,14 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from htmuon_dist.spectral import default_rtol  # noqa: E402
 from htmuon_dist.spectral import log_ns  # noqa: E402
+from htmuon_dist.spectral.newton_schulz import NS5_COEFFS  # noqa: E402
 from htmuon_dist.spectral import polar_express as pe  # noqa: E402
 from htmuon_dist.spectral.cutoff import threshold  # noqa: E402
 from htmuon_dist.spectral.tracked_ns import lawson_fit  # noqa: E402
 
 FAMILIES = {
     "2.6x (mild)": (2.6, -3.12, 1.04),
-    "3.0x (log_ns mild)": log_ns.STEPS["mild"],
-    "3.44x (Jordan NS5)": log_ns.STEPS["jordan"],
+    "3.0x (log_ns mild)": log_ns.X_STEP,
+    "3.44x (Jordan NS5)": NS5_COEFFS,
 }
 
 
@@ -119,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     a = monotone_lift()
     print(f"1. monotone odd quintic: largest lift per step {a:.3f}x; from {args.floor:g} to 1 takes "
           f"{math.log(1 / args.floor) / math.log(a):.1f} steps (Jordan's folding step, 3.44x: "
-          f"{math.log(1 / args.floor) / math.log(3.4445):.1f})")
+          f"{math.log(1 / args.floor) / math.log(NS5_COEFFS[0]):.1f})")
     print(f"\n2. joint log fit (log_ns's basis, final degree {args.final_degree}, floor {args.floor:g}): "
           "largest log error / p at p = 1/16 and 1/4 (log_ns accepts <= 0.035)")
     print(f"   {'step family':<24}" + "".join(f"{'J=' + str(j):>16}" for j in counts))

@@ -114,11 +114,11 @@ def test_equivariances(method: str) -> None:
     assert torch.equal(yt, y.T)
     # orthogonal invariance, to the rounding of the operands (log_ns measured 3.6e-3 here: at
     # n = 72 its Gram phase's ~12 fp16 (n, n) products round more than at LLaMA sizes, where
-    # a rounding moves an eigenvalue by ~u ||G||_F / n)
+    # a rounding moves an eigenvalue by ~u ||G||_F / n; fast_ns keeps its 3e-3)
     gen = torch.Generator().manual_seed(4)
     q1, q2 = _orthonormal(120, 120, gen), _orthonormal(72, 72, gen)
     rotated = fn((q1 @ x.double() @ q2.T).float()[None], 0.125, rtol)[0].double()
-    assert float((rotated - q1 @ base @ q2.T).norm() / base.norm()) < 5e-3
+    assert float((rotated - q1 @ base @ q2.T).norm() / base.norm()) < {"fast_ns": 3e-3, "log_ns": 5e-3}[method]
 
 
 @pytest.mark.parametrize("method", FP16_METHODS)
@@ -186,8 +186,7 @@ def test_runs_on_meta_with_16_bit_products_only(method: str, in_dtype: torch.dty
     if method == "fast_ns":
         counts = fast_ns.plan_products(fast_ns.plan_for(0.125, operand_cutoff(rtol, x, fast_ns.DEFAULT_DTYPE), 512))
     else:
-        own = operand_cutoff(rtol, x, log_ns.DEFAULT_DTYPE)
-        counts = log_ns.plan_products(log_ns.make_plan(0.125, log_ns.plan_floor(own, 512), log_ns.x_steps_for(1365, 512)))
+        counts = log_ns.plan_products(log_ns.plan_for(0.125, operand_cutoff(rtol, x, log_ns.DEFAULT_DTYPE), 1365, 512))
     assert len(seen.dtypes) == counts["mn2"] + counts["n3"], (len(seen.dtypes), counts)
 
 

@@ -106,7 +106,7 @@ def _attractor(q: tuple[float, float, float]) -> tuple[float, float]:
     """The band that ``s h(s^2)`` keeps every lifted value in (iterated to its limit)."""
     t = torch.linspace(0.02, 1.0, 4000, dtype=torch.float64)
     for _ in range(200):
-        t = t * _h(q, t * t)
+        t = t * step_h(q, t * t)
     return t.min().item(), t.max().item()
 
 
@@ -123,20 +123,20 @@ def fixed_plan(
     grid = torch.logspace(math.log10(ell), 0.0, 4000, dtype=torch.float64)
     traj, steps, ups = grid, 0, [1.0]
     while traj.min().item() < lo_band or traj.max().item() > hi_band:
-        traj = traj * _h(step, traj * traj)
+        traj = traj * step_h(step, traj * traj)
         steps += 1
         if steps > 40:
             raise RuntimeError(f"fast_ns: step {step} does not lift [{ell}, 1] into its band")
     top = torch.linspace(0.0, 1.0, 2000, dtype=torch.float64)
     for _ in range(steps - 1):
-        top = top * _h(step, top * top)
+        top = top * step_h(step, top * top)
         ups.append(max(ups[-1], top.max().item()))
     g = tuple(_fit_g(step, power, u) for u in ups)
     f_hi = hi_band * hi_band
     band = torch.linspace(lo_band**2, hi_band**2, 300, dtype=torch.float64)
     s_cut = torch.tensor([ell / cut], dtype=torch.float64)
     for _ in range(steps):
-        s_cut = s_cut * _h(step, s_cut * s_cut)
+        s_cut = s_cut * step_h(step, s_cut * s_cut)
     low = torch.linspace(0.0, s_cut.item() ** 2, 120, dtype=torch.float64)
     ys = torch.cat([band, low])
     want = torch.cat([band ** ((power - 1.0) / 2.0), torch.zeros_like(low)])
@@ -301,13 +301,14 @@ def _minimax_quintic(lo: float, hi: float) -> tuple[float, float, float]:
     return (a / hi, b / hi**3, c / hi**5)  # the same map, rescaled to [lo, hi]
 
 
-def _h(q: tuple[float, float, float], y: torch.Tensor) -> torch.Tensor:
+def step_h(q: tuple[float, float, float], y: torch.Tensor) -> torch.Tensor:
+    """h(y) = a + b y + c y^2 of a step quintic q = (a, b, c): s -> s h(s^2)."""
     return q[0] + q[1] * y + q[2] * y * y
 
 
 def _h_min(q: tuple[float, float, float], hi: float) -> float:
     y = torch.linspace(0.0, hi * hi, 400, dtype=torch.float64)
-    return _h(q, y).min().item()
+    return step_h(q, y).min().item()
 
 
 def _step_quintic(lo: float, hi: float, h_min: float) -> tuple[float, float, float]:
@@ -334,7 +335,7 @@ def _quintics(
     for _ in range(steps):
         q = _step_quintic(lo, hi, h_min)
         s = _grid(lo, hi)
-        ps = s * _h(q, s * s)
+        ps = s * step_h(q, s * s)
         out.append(q)
         lo, hi = ps.min().item(), ps.max().item()
     return tuple(out), lo, hi
@@ -343,7 +344,7 @@ def _quintics(
 def _fit_g(q: tuple[float, float, float], power: float, hi: float) -> tuple[float, float, float]:
     """g(y) = g0 + g1 y + g2 y^2 ~ h(y)^(-p) on [0, hi^2] in relative error."""
     y = torch.linspace(0.0, hi * hi, 800, dtype=torch.float64)
-    target = _h(q, y) ** (-power)
+    target = step_h(q, y) ** (-power)
     basis = torch.stack([torch.ones_like(y), y, y * y], dim=1) / target[:, None]
     coef, _ = _lawson(basis, torch.ones_like(y))
     return tuple(coef.tolist())
@@ -363,7 +364,7 @@ def _evaluate(quintics, g, f, f_hi, power, s0: torch.Tensor) -> torch.Tensor:
     for q, gk in zip(quintics, g):
         y = s * s
         acc = acc * (gk[0] + gk[1] * y + gk[2] * y * y)
-        s = s * _h(q, y)
+        s = s * step_h(q, y)
     return s * (_cheb_basis(s * s, len(f) - 1, f_hi) @ torch.tensor(f, dtype=s.dtype)) * acc
 
 
@@ -387,14 +388,14 @@ def minimax_plan(power: float, ell: float, steps: Optional[int] = None, h_min: f
     ups = [1.0]
     for q in quintics[:-1]:
         s = _grid(1e-9, ups[-1])
-        ups.append(max(ups[-1], (s * _h(q, s * s)).max().item()))
+        ups.append(max(ups[-1], (s * step_h(q, s * s)).max().item()))
     g = tuple(_fit_g(q, power, u) for q, u in zip(quintics, ups))
     # f ~ y^((p-1)/2) on the band, ~0 where directions below ell / CUT end up (the cut)
     f_hi = hi * hi * 1.001
     band = torch.linspace(lo * lo, hi * hi, 300, dtype=torch.float64)
     s_cut = torch.tensor([ell / CUT], dtype=torch.float64)
     for q in quintics:
-        s_cut = s_cut * _h(q, s_cut * s_cut)
+        s_cut = s_cut * step_h(q, s_cut * s_cut)
     cut = torch.linspace(0.0, s_cut.item() ** 2, 120, dtype=torch.float64)
     ys = torch.cat([band, cut])
     target = torch.cat([band ** ((power - 1.0) / 2.0), torch.zeros_like(cut)])

@@ -59,17 +59,14 @@ import torch
 
 from . import chebyshev, precision
 from .cutoff import noise_cutoff, operand_cutoff
+from .fast_ns import step_h
 from .registry import SpectralMethod, register_method
 from .tracked_ns import lawson_fit, poly_basis
 
 DEFAULT_DTYPE = torch.float16
-# Step quintics h(y) = a + b y + c y^2 (s -> s h(s^2)). The X phase uses "mild" (lift 3.0, a
-# smoother h than Jordan's); benchmarks/lift_fit.py compares both as pure-X schedules.
-STEPS: dict[str, tuple[float, float, float]] = {
-    "mild": (3.0, -4.5, 1.8),
-    "jordan": (3.4445, -4.7750, 2.0315),
-}
-X_STEP = STEPS["mild"]
+# The X phase's step quintic h(y) = a + b y + c y^2 (s -> s h(s^2)): lift 3.0, a smoother h than
+# Jordan's NS5 step; benchmarks/lift_fit.py compares both as pure-X schedules.
+X_STEP = (3.0, -4.5, 1.8)
 # Gram-phase quadratic y -> a y + b y^2: lift 2.5 in y, largest value 1 (at y = 0.8), so it maps
 # [0, 1.6] into [0, 1] (values above 0.8 fold; the fit reads them off earlier Gram matrices).
 GRAM_STEP = (2.5, -1.5625)
@@ -123,16 +120,12 @@ class Plan:
     bound: float
 
 
-def _h(q: tuple[float, float, float], y: torch.Tensor) -> torch.Tensor:
-    return q[0] + q[1] * y + q[2] * y * y
-
-
 def _trajectory(steps, sigma: torch.Tensor) -> list[torch.Tensor]:
     """s_0 = sigma, s_1, ..., s_J of X steps (float64)."""
     out = [sigma]
     for q in steps:
         s = out[-1]
-        out.append(s * _h(q, s * s))
+        out.append(s * step_h(q, s * s))
     return out
 
 
@@ -227,6 +220,11 @@ def _well_posed(plan: Plan) -> bool:
     stays in a range exp covers in a few squarings on every direction, those under the floor
     included. Long Gram phases from a low floor can fail this (near-collinear columns)."""
     return max(abs(c) for c in plan.coef) <= MAX_COEF and plan.squarings <= MAX_SQUARINGS
+
+
+def plan_for(power: float, rtol: float, m: int, n: int, fit_target: float = FIT_TARGET) -> Plan:
+    """The plan for (m, n) matrices, m >= n, under the resolved cutoff ``rtol``."""
+    return make_plan(float(power), plan_floor(rtol, n), x_steps_for(m, n), fit_target)
 
 
 def plan_floor(rtol: float, n: int) -> float:
@@ -343,8 +341,7 @@ def log_ns_power(x: torch.Tensor, power: float, rtol: float, dtype: torch.dtype 
             f"log_ns: power must be in (0, 1], got {power}; for Muon (power 0) use 'polar_express' or 'ns5'"
         )
     rtol = operand_cutoff(rtol, x, dtype)
-    m, n = x.size(-2), x.size(-1)
-    return run_plan(x, make_plan(float(power), plan_floor(rtol, n), x_steps_for(m, n)), dtype)
+    return run_plan(x, plan_for(power, rtol, x.size(-2), x.size(-1)), dtype)
 
 
 def plan_products(plan: Plan) -> dict[str, int]:
@@ -360,7 +357,7 @@ def plan_products(plan: Plan) -> dict[str, int]:
 def log_ns_cost(m: int, n: int, power: float = 0.125) -> float:
     """FLOPs of one (m, n) matrix, m >= n, all 16-bit operands, for bf16 data's noise cutoff."""
     eps = torch.finfo(torch.bfloat16).eps
-    counts = plan_products(make_plan(power, plan_floor(noise_cutoff((m, n), eps), n), x_steps_for(m, n)))
+    counts = plan_products(plan_for(power, noise_cutoff((m, n), eps), m, n))
     return 2.0 * m * n * n * counts["mn2"] + 2.0 * n**3 * counts["n3"]
 
 

@@ -9,7 +9,7 @@ import torch
 from .registry import SpectralMethod, register_method
 
 # Keller Jordan's coefficients: maximise the slope at zero, accept singular values in ~[0.7, 1.2].
-_NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+NS5_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz5(
@@ -37,7 +37,7 @@ def newton_schulz5(
     """
     if dtype is None:
         dtype = torch.bfloat16 if x.is_cuda else torch.float32
-    a, b, c = _NS5_COEFFS
+    a, b, c = NS5_COEFFS
     y = x.to(dtype)
     tall = y.size(-2) > y.size(-1)
     if tall:

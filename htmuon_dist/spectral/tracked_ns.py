@@ -145,12 +145,12 @@ def lawson_fit(basis: torch.Tensor, rhs: torch.Tensor, iters: int = 60,
     returns large coefficients that differ from run to run. Host-side schedule building only (it
     reads values), never inside a step."""
     lw = torch.full_like(rhs, 1.0 / rhs.numel())
-    eye = torch.eye(basis.size(1), dtype=basis.dtype)
+    ridge_term = ridge * torch.eye(basis.size(1), dtype=basis.dtype) if ridge > 0.0 else None
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(iters):
-        if ridge > 0.0:
+        if ridge_term is not None:
             weighted = basis * lw[:, None]
-            coef = torch.linalg.solve(basis.T @ weighted + ridge * eye, weighted.T @ rhs)
+            coef = torch.linalg.solve(basis.T @ weighted + ridge_term, weighted.T @ rhs)
         else:
             sw = lw.sqrt()
             coef = torch.linalg.lstsq(basis * sw[:, None], (rhs * sw)[:, None]).solution[:, 0]

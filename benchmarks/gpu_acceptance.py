@@ -94,7 +94,7 @@ def plan(out: Path, gpus: int, quick: bool, work: Optional[Path] = None) -> list
         Section("env", "torch, CUDA, NCCL, driver, GPUs", [[py, __file__, "--env-only"]], 60),
         Section("spectral", "Σ^p methods on 60M/1B/7B shapes: time, ratio to bf16 NS5, err/bar",
                 [[py, "benchmarks/spectral.py", "--device", "cuda", "--shapes", shapes, "--repeat", "3",
-                  "--methods", "svd,eigh,gram32,gram_rr,tracked_ns,auto", "--json", str(out / "spectral.json"),
+                  "--methods", "svd,eigh,gram32,gram_rr,tracked_ns,fast_ns,log_ns,auto", "--json", str(out / "spectral.json"),
                   "--write-table", str(out / "auto_table.json")]], 210),
         Section("memory", "memory contract on a 7B layer set: max_memory_allocated vs the formula",
                 [[py, "benchmarks/memory.py", "--layers", "7b", "--world", "1", "--device", "cuda",

@@ -206,14 +206,14 @@ INPUT_DTYPE = torch.bfloat16
 def method_call(name: str, power: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """The call that computes method ``name`` the way a GPU would run it. ``ns5``'s registered form
     picks bf16 only for CUDA tensors, so it is called with ``dtype=torch.bfloat16`` here (what
-    Muon runs on a GPU); ``auto`` is priced as the method it names on CUDA."""
+    Muon runs on a GPU); ``auto`` is priced as the method it names on CUDA at ``power``."""
     from htmuon_dist.spectral import auto_choice, newton_schulz5, spectral_power
 
     if name == "ns5":
         return lambda x: newton_schulz5(x, dtype=torch.bfloat16)
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        resolved = auto_choice("cuda", x.size(-2), x.size(-1)) if name == "auto" else name
+        resolved = auto_choice("cuda", x.size(-2), x.size(-1), power=power) if name == "auto" else name
         return spectral_power(x, power, method=resolved)
 
     return call
@@ -392,7 +392,7 @@ def table(methods: list[str], shapes: list[tuple[int, int]], power: float, break
         spec = get_method(name.removesuffix(ILL))
         label = name
         if name == "auto":
-            label = "auto->" + "/".join(sorted({auto_choice("cuda", m, n) for m, n in shapes}))
+            label = "auto->" + "/".join(sorted({auto_choice("cuda", m, n, power=power) for m, n in shapes}))
         try:
             rows = [priced(name, m, n, power) for m, n in shapes]
         except Exception as e:  # noqa: BLE001 - one method failing must not hide the others
@@ -427,7 +427,7 @@ def markdown(methods: list[str], shapes: list[tuple[int, int]], power: float) ->
     out = ["| method (priced, not measured) | " + " | ".join(f"{m}×{n}" for m, n in shapes) + " | worst |",
            "|---|" + "---|" * (len(shapes) + 1)]
     for name in methods:
-        label = name if name != "auto" else "auto → " + "/".join(sorted({auto_choice("cuda", m, n) for m, n in shapes}))
+        label = name if name != "auto" else "auto → " + "/".join(sorted({auto_choice("cuda", m, n, power=power) for m, n in shapes}))
         ratios = [price(name, m, n, power) / price("ns5", m, n, power) for m, n in shapes]
         out.append(f"| `{label}` | " + " | ".join(f"{q:.2f}×" for q in ratios) + f" | {max(ratios):.2f}× |")
     return out

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 err, bar = rel_err_and_bar(y, r, p, rescale=(pw == 0.0))
                 row = {
                     "shape": [m, n], "group": group, "method": name,
-                    "resolved": auto_choice(device.type, max(m, n), min(m, n)) if name == "auto" else name,
+                    "resolved": auto_choice(device.type, max(m, n), min(m, n), power=pw) if name == "auto" else name,
                     "time_s": t, "err": err, "bar": bar, "err_over_bar": err / bar,
                     "reference": "svd" if use_svd_ref else "eigh",
                 }

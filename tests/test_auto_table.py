@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from htmuon_dist.spectral import auto_table, fast, get_method, spectral_power
+from htmuon_dist.spectral import auto_table, fast, get_method, method_cost, method_workspace, spectral_power
 from htmuon_dist.spectral.accuracy import make_matrix
 
 
@@ -45,18 +45,31 @@ def test_choice_follows_the_table():
     assert auto_table.choose("Other GPU", 64, 64, failing, rule="fast_ns")[0] == "fast_ns"
 
 
-def test_cuda_rule_is_fast_ns_where_it_met_the_bar():
-    # no CUDA table entry is shipped: the documented rule applies (docs/spectral.md, "fast_ns"):
-    # fast_ns on the MLP shapes (aspect >= 2, where it met the bar), eigh on square ones (missed)
+def test_cuda_rule_is_log_ns_where_it_met_the_bar():
+    # no CUDA table entry is shipped: the documented rule applies (docs/spectral.md, "log_ns"):
+    # log_ns on the MLP shapes (aspect >= 2) for p in [1/16, 1], near square for p >= 1/8 (where
+    # it met the bar); eigh where it missed (square at p = 1/16), was not measured (p < 1/16) or
+    # no bar can be met (p = 0)
     for m, n in [(2048, 5461), (5461, 2048), (4096, 11008), (1024, 512)]:
-        assert fast.auto_choice("cuda", m, n) == "fast_ns"
+        assert fast.auto_choice("cuda", m, n) == "log_ns"
+        for power in (1 / 16, 1 / 8, 0.5, 1.0):
+            assert fast.auto_choice("cuda", m, n, power=power) == "log_ns"
+        for power in (0.0, 0.03):
+            assert fast.auto_choice("cuda", m, n, power=power) == "eigh"
     for m, n in [(2048, 2048), (4096, 4096), (3000, 2048)]:
         assert fast.auto_choice("cuda", m, n) == "eigh"
+        assert fast.auto_choice("cuda", m, n, power=1 / 16) == "eigh"
+        assert fast.auto_choice("cuda", m, n, power=1 / 8) == "log_ns"
+        assert fast.auto_choice("cuda", m, n, power=0.25) == "log_ns"
+    # the planner costs auto as the method it runs at the spec's power
+    assert method_cost("auto", 2048, 2048, 0.125) == method_cost("log_ns", 2048, 2048)
+    assert method_cost("auto", 2048, 2048, 0.0625) == method_cost("eigh", 2048, 2048)
+    assert method_workspace("auto", 2048, 2048) == max(method_workspace(k, 2048, 2048) for k in ("eigh", "log_ns"))
     assert get_method("auto").cost(2048, 2048) == get_method("eigh").cost(2048, 2048)
     assert auto_table.rule_method("cpu") == "eigh"
     assert fast.auto_choice("cpu", 512, 512) in auto_table.CANDIDATES  # measured table
-    # the planner costs auto as fast_ns on every rank (device-independent plans)
-    assert get_method("auto").cost(5461, 2048) == get_method("fast_ns").cost(5461, 2048)
+    # the planner costs auto as log_ns on every rank (device-independent plans)
+    assert get_method("auto").cost(5461, 2048) == get_method("log_ns").cost(5461, 2048)
 
 
 def test_auto_runs_what_the_table_names(monkeypatch, tmp_path):
@@ -103,4 +116,4 @@ def test_shipped_table_names_registered_methods():
 
 def test_cost_is_device_independent():
     # one fixed method (the CUDA rule's) on every rank, whatever device the rank has
-    assert fast.auto_cost(5461, 2048) == get_method("fast_ns").cost(5461, 2048)
+    assert fast.auto_cost(5461, 2048) == get_method("log_ns").cost(5461, 2048)

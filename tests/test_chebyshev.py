@@ -48,3 +48,21 @@ def test_division_identity() -> None:
         assert len(r) == k
         tk = _direct([0.0] * k + [1.0], lam)
         assert torch.allclose(tk * _direct(q, lam) + _direct(r, lam), _direct(coeffs, lam), atol=1e-12)
+
+
+@pytest.mark.parametrize("second", [5, 6, 7, 8])
+def test_a_shared_basis_costs_only_the_second_series_levels(second: int) -> None:
+    # log_ns evaluates its final series and its cut factor on the same Z: the second reuses
+    # T_2 .. T_k and spends only its nesting levels (products(..., basis_given=True))
+    q, lam, z, eye = _case(seed=second)
+    gen = torch.Generator().manual_seed(200 + second)
+    first, other = torch.randn(7, generator=gen, dtype=torch.float64).tolist(), torch.randn(second + 1, generator=gen, dtype=torch.float64).tolist()
+    k = chebyshev.baby_degree(6)
+    basis, calls = [], []
+    mm = lambda a, b: calls.append(1) or a @ b  # noqa: E731
+    chebyshev.matrix_series(first, z, eye, mm, basis=basis)
+    before = len(calls)
+    got = chebyshev.matrix_series(other, z, eye, mm, k=k, basis=basis)
+    assert float((got - (q * _direct(other, lam)) @ q.T).abs().max()) < 1e-12
+    assert len(calls) - before == chebyshev.products(second, k, basis_given=True)
+    assert chebyshev.products(second, k, basis_given=True) < chebyshev.products(second, k)

@@ -1,6 +1,8 @@
-"""What only ``log_ns`` has (htmuon_dist/spectral/log_ns.py): its floor at the noise cutoff, its
-plan's bound, its registry entry. The checks it shares with fast_ns (err/gap on bf16 data,
-equivariances, zero, batches, meta, product counts) are in test_fast_ns.py."""
+"""What only ``log_ns`` has (htmuon_dist/spectral/log_ns.py): its lift from 1.25 tau and cut below
+0.45 tau, its plan's bound and leak, its registry entry and ``auto``'s CUDA rule. The checks it
+shares with fast_ns (err/gap on bf16 data, equivariances, zero, batches, meta, product counts)
+are in test_fast_ns.py; the rank cutoff's keep/drop checks, for every method that cuts, in
+test_cutoff.py."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from test_fast_ns import BF16_EPS, _err_over_gap, _matrix, _reference
 
 def test_square_power_law_down_to_the_cut() -> None:
     # sigma_i = 1/i on a 512 x 512 matrix puts its smallest singular values at ~2 tau: log_ns's
-    # floor sits at exactly tau and lifts them; fast_ns's (4 tau) attenuates them (measured 2.5
-    # and 1.1 gaps), which shows the case can fail
+    # floor sits at 1.25 tau and lifts them; fast_ns's (4 tau) attenuates them (measured 2.5 and 1.1
+    # gaps), which shows the case can fail
     x = _matrix("power_law", 512, 512, seed=7)
     for power in (1 / 16, 1 / 8):
         r, p = _reference(x, power)
@@ -29,46 +31,55 @@ def test_square_power_law_down_to_the_cut() -> None:
         assert other > 0.25, (power, other)
 
 
-def test_plan_bound_is_what_it_applies() -> None:
-    # plan.bound is max |ln(F(s)/s^p)| over [floor, 1] in exact arithmetic; the matrix side with
-    # float32 products must apply that F to each singular value (a diagonal matrix: the singular
-    # vectors are the axes, so each direction is read off directly; F need not be monotone)
+def test_plan_bound_and_leak_are_what_it_applies() -> None:
+    # plan.bound is max |ln(F(s)/s^p)| over [floor, 1], plan.leak max |F(s)| / floor^p over
+    # [0, zero], both in exact arithmetic; the matrix side with float32 products must apply that
+    # F to each singular value (a diagonal matrix: the singular vectors are the axes, so each
+    # direction is read off directly; F need not be monotone)
     n, power = 48, 0.125
     plan = log_ns.make_plan(power, 1e-3, log_ns.x_steps_for(80, n))
     assert len(plan.steps) == 1 and len(plan.gram) >= 1  # tall: one X step, then the Gram phase
-    assert plan.bound <= log_ns.FIT_TARGET * power
-    s = torch.logspace(-3, 0, n, dtype=torch.float64)
+    assert plan.bound <= log_ns.FIT_TARGET * power and plan.leak <= log_ns.MAX_LEAK
+    assert plan.floor == pytest.approx(log_ns.NOISE_LIFT * 1e-3) and plan.zero == pytest.approx(log_ns.NOISE_ZERO * 1e-3)
+    s = torch.logspace(-5, 0, n, dtype=torch.float64)
     x = torch.zeros(80, n, dtype=torch.float64)
     x[:n, :n] = torch.diag(s)
     fro = float(x.norm())
     y = log_ns.run_plan(x[None].float(), plan, torch.float32)[0].double()
     got = torch.diagonal(y[:n, :n]) / fro**power  # F(s / ||x||_F)
     sig = s / fro
-    kept = sig >= plan.floor
+    kept, cut = sig >= plan.floor, sig <= plan.zero
+    assert int(kept.sum()) >= 20 and int(cut.sum()) >= 10
     err = (got[kept] / sig[kept].pow(power)).log().abs().max().item()
     assert err <= plan.bound + 1e-4, (err, plan.bound)
+    assert got[cut].abs().max().item() <= plan.leak * plan.floor**power + 1e-5
     assert (y - torch.diag_embed(torch.diagonal(y[:n, :n])).new_zeros(80, n)).abs()[n:].max() < 1e-6
 
 
-def test_power_zero_and_bad_floor_name_the_fix() -> None:
+def test_power_zero_and_bad_cutoff_name_the_fix() -> None:
     # the shared checks (power 1, power > 1, dtype) are in test_fast_ns.py, for both methods
     x = torch.randn(1, 20, 10)
     with pytest.raises(ValueError, match="polar_express"):
         log_ns_power(x, 0.0, 1e-3)
-    with pytest.raises(ValueError, match="floor"):
+    with pytest.raises(ValueError, match="tau"):
         log_ns.make_plan(0.125, 0.5, 1)
     with pytest.raises(ValueError, match="x_steps"):
         log_ns.make_plan(0.125, 1e-3, 0)
 
 
-def test_registry_says_it_has_no_rank_cutoff_and_auto_never_picks_it() -> None:
-    from htmuon_dist.spectral import auto_table
+def test_registry_says_it_cuts_and_auto_names_it_on_tall_cuda_matrices() -> None:
+    from htmuon_dist.spectral import auto_choice, auto_table
 
-    assert get_method("log_ns").cuts_noise is False
-    assert "log_ns" not in auto_table.CANDIDATES
+    assert get_method("log_ns").cuts_noise is True
+    assert "log_ns" in auto_table.CANDIDATES
     assert all(get_method(name).cuts_noise for name in auto_table.CANDIDATES)
-    for device in ("cuda", "cpu"):
-        assert auto_table.rule_method(device) != "log_ns"
+    assert auto_table.rule_method("cuda") == "log_ns" and auto_table.rule_method("cpu") != "log_ns"
+    # the issue's shapes at the paper's p = 1/8: all log_ns; at p = 1/16 the square ones, where
+    # log_ns missed on Marchenko-Pastur spectra, stay eigh (docs/spectral.md, "log_ns")
+    for m, n in [(2048, 5461), (5461, 2048), (4096, 11008), (2048, 2048), (4096, 4096)]:
+        assert auto_choice("cuda", m, n, power=0.125) == "log_ns"
+    for m, n in [(2048, 2048), (4096, 4096)]:
+        assert auto_choice("cuda", m, n, power=0.0625) == "eigh"
 
 
 def test_registry_cost_and_workspace() -> None:
@@ -85,12 +96,13 @@ def test_registry_cost_and_workspace() -> None:
 def test_plan_fit_is_reproducible_and_small() -> None:
     # the fit's columns are near-collinear after a long Gram phase; with the ridge term two fits
     # agree (a plain lstsq varied between runs, with coefficients up to 1e3) and stay small
-    steps, gram = (log_ns.X_STEP,), (log_ns.GRAM_STEP,) * 16
-    a = log_ns._fit(0.0625, 2.7e-4, steps, gram)
-    b = log_ns._fit(0.0625, 2.7e-4, steps, gram)
+    steps, gram = (log_ns.X_STEP,), (log_ns.GRAM_STEP,) * 14
+    a = log_ns._fit(0.0625, 5.4e-4, 1.35e-4, steps, gram)
+    b = log_ns._fit(0.0625, 5.4e-4, 1.35e-4, steps, gram)
     assert max(abs(u - v) for u, v in zip(a.coef, b.coef)) < 1e-9
+    assert max(abs(u - v) for u, v in zip(a.cut, b.cut)) < 1e-9
     assert max(abs(c) for c in a.coef) <= log_ns.MAX_COEF and a.squarings <= log_ns.MAX_SQUARINGS
-    assert a.bound <= log_ns.FIT_TARGET * 0.0625
+    assert a.bound <= log_ns.FIT_TARGET * 0.0625 and a.leak <= log_ns.MAX_LEAK
 
 
 def test_tall_plans_run_one_x_step_square_ones_three() -> None:

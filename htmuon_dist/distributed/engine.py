@@ -198,7 +198,7 @@ class ExchangeEngine:
                            for p in self.pieces[i])
             self.layouts.append(ShardLayout(shape=self.shapes[i], ranges=ranges))  # type: ignore[arg-type]
         # Every rank plans from the same gathered pieces, so the plans agree; _check_plan confirms.
-        costs = [method_cost(spec.method, m, n) for spec, (m, n) in zip(self.specs, self.shapes)]
+        costs = [method_cost(spec.method, m, n, spec.power) for spec, (m, n) in zip(self.specs, self.shapes)]
         held = [[sum(b - a for a, b in p) for p in self.pieces[i]] for i in range(len(self.shapes))]
         self.plan: Plan = make_plan(self.shapes, costs, self.world_size, bucket_numel, held)
         self._check_plan()

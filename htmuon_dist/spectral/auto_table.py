@@ -11,17 +11,24 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
    (``gram32`` on an ill-conditioned input, where it redoes the matrix in float64) is ranked by
    that slower time: real momenta are often ill-conditioned.
 3. No measurement for the device (or the table unreadable): the documented rule
-   :func:`rule_method`. On CUDA devices it is ``"fast_ns"`` for matrices at least
-   :data:`FAST_NS_MIN_ASPECT` times longer than wide: fp16 products, priced at 1.9-2.2x bf16
-   NS5 at the LLaMA-1B/7B MLP shapes against 7-21x for ``eigh`` (cuSOLVER cannot batch it), and
-   err/gap <= 0.25 on bf16 data's heavy-tailed, two-bulk, Marchenko-Pastur and power-law
-   spectra at 512x256 and 1365x512 (aspects 2 and 2.7). Near-square matrices keep ``eigh``:
-   there fast_ns measured err/gap up to 0.9 (square 1024x1024, many singular values near the
-   noise cutoff; benchmarks/fast_ns_frontier.py, docs/spectral.md "fast_ns"), which is Muon's
-   accuracy, not HTMuon's. Pass ``method="fast_ns"`` to trade that accuracy for speed.
-   Everywhere else it is :data:`RULE_METHOD` = ``"eigh"``, the exact method, fastest or
-   near-fastest on every CPU
-   measured (0.6-1.7x NS5). A measured table entry for the device overrides the rule.
+   :func:`rule_method`. On CUDA devices it is ``"log_ns"`` (16-bit products with a soft rank
+   cut) where it met the accuracy bar (err/gap <= 0.25 on bf16 data's heavy-tailed, two-bulk,
+   Marchenko-Pastur and power-law spectra; benchmarks/fast_ns_frontier.py, docs/spectral.md
+   "log_ns"):
+
+   * matrices at least :data:`FAST_MIN_ASPECT` times longer than wide, for p in
+     [:data:`MIN_POWER`, 1]: measured at 512x256, 1365x512 and 5461x2048 (worst 0.133), priced
+     at 1.2x bf16 NS5 at the LLaMA-1B/7B MLP shapes against 7-21x for ``eigh`` (cuSOLVER
+     cannot batch it);
+   * near-square matrices for p >= :data:`SQUARE_MIN_POWER` (the paper's 1/8 included):
+     measured worst 0.18 at 1024x1024 and 2048x2048, priced at 2.1-2.2x NS5 against 39-67x.
+     At p = 1/16 it missed on square Marchenko-Pastur spectra (0.39: many singular values
+     near the noise cutoff), so smaller powers keep ``eigh``.
+
+   Everywhere else, p = 0 included (no bar can be met there: the HTMuon update is the exact
+   polar factor), it is :data:`RULE_METHOD` = ``"eigh"``, the exact method, fastest or
+   near-fastest on every CPU measured (0.6-1.7x NS5). A measured table entry for the device
+   overrides the rule.
 
 Lookups use host metadata only (device name, shape): no sync. The chosen method may sync
 (``gram32`` syncs once per call to decide its float64 fallback); the others do not.
@@ -40,11 +47,13 @@ import torch
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 RULE_METHOD = "eigh"
 # the rule per device type where it differs from RULE_METHOD (see the module docstring, 3.)
-RULE_BY_DEVICE_TYPE = {"cuda": "fast_ns"}
-# fast_ns met the bar at aspects 2 and 2.7 and missed it on square matrices (module docstring)
-FAST_NS_MIN_ASPECT = 2.0
-# Methods auto may pick: HTMuon-capable (any p) and meeting the bar when measured.
-CANDIDATES = ("eigh", "svd", "gram32", "gram_rr", "tracked_ns", "fast_ns")
+RULE_BY_DEVICE_TYPE = {"cuda": "log_ns"}
+# where the fast method met the bar (module docstring, 3.): aspect >= FAST_MIN_ASPECT for p in
+# [MIN_POWER, 1], any aspect for p >= SQUARE_MIN_POWER
+FAST_MIN_ASPECT = 2.0
+MIN_POWER, SQUARE_MIN_POWER = 1.0 / 16.0, 1.0 / 8.0
+# Methods auto may pick: HTMuon-capable (any p), with a rank cutoff, meeting the bar when measured.
+CANDIDATES = ("eigh", "svd", "gram32", "gram_rr", "tracked_ns", "fast_ns", "log_ns")
 
 Table = dict[str, Any]
 
@@ -63,13 +72,19 @@ def load_table(path: Optional[Path] = None) -> Table:
     return _load(str(path or TABLE_PATH))
 
 
-def rule_method(device_type: str, m: Optional[int] = None, n: Optional[int] = None) -> str:
+def rule_method(device_type: str, m: Optional[int] = None, n: Optional[int] = None,
+                power: Optional[float] = None) -> str:
     """The documented rule's method for a device type without measurements, for an (m, n)
-    matrix (either orientation); without a shape, the device type's fast method."""
+    matrix (either orientation) at ``power``; without a shape, the device type's fast method;
+    without a power, the choice for the powers the fast method covers at every aspect it covers
+    (what the planner costs when it does not know p)."""
     name = RULE_BY_DEVICE_TYPE.get(device_type, RULE_METHOD)
-    if name == "fast_ns" and m is not None and n is not None:
-        if max(m, n) < FAST_NS_MIN_ASPECT * min(m, n):
-            return RULE_METHOD
+    if name == RULE_METHOD:
+        return name
+    if power is not None and not MIN_POWER <= power <= 1.0:
+        return RULE_METHOD
+    if m is not None and n is not None and max(m, n) < FAST_MIN_ASPECT * min(m, n):
+        return name if power is not None and power >= SQUARE_MIN_POWER else RULE_METHOD
     return name
 
 

@@ -57,29 +57,35 @@ def baby_degree(degree: int) -> int:
     return min(range(2, max(2, degree) + 1), key=lambda k: (products(degree, k), -k))
 
 
-def products(degree: int, k: Optional[int] = None, t2_given: bool = False) -> int:
-    """Matrix products :func:`matrix_series` spends on a degree-``degree`` series."""
+def products(degree: int, k: Optional[int] = None, t2_given: bool = False, basis_given: bool = False) -> int:
+    """Matrix products :func:`matrix_series` spends on a degree-``degree`` series
+    (``basis_given``: ``T_2 .. T_k`` come from an earlier series on the same ``Z``)."""
     if degree <= 1:
         return 0
     k = baby_degree(degree) if k is None else k
     levels = math.ceil((degree + 1) / k) - 1
     last_constant = (degree + 1) - k * levels == 1  # the innermost T_k q_0 is a scaled T_k
-    return (k - 1) - (1 if t2_given and k >= 2 else 0) + levels - (1 if last_constant else 0)
+    basis = 0 if basis_given else (k - 1) - (1 if t2_given and k >= 2 else 0)
+    return basis + levels - (1 if last_constant else 0)
 
 
 def matrix_series(
     coeffs: Sequence[float], z: torch.Tensor, eye: torch.Tensor, mm: Product,
-    t2: Optional[torch.Tensor] = None, k: Optional[int] = None,
+    t2: Optional[torch.Tensor] = None, k: Optional[int] = None, basis: Optional[list] = None,
 ) -> torch.Tensor:
     """``Σ_i coeffs[i] T_i(Z)`` for Z (..., n, n) with spectrum in [-1, 1]; ``mm`` is the product
     (e.g. ``lambda a, b: precision.mm(a, b, torch.float16)``); ``t2`` is ``T_2(Z)`` if the caller
-    has it for free. float32 in, float32 out."""
+    has it for free. ``basis``: a list shared by several series on the same ``Z`` (pass ``[]``
+    to the first): it keeps ``T_0 .. T_k``, so a later series with the same ``k`` spends only
+    its nesting levels. float32 in, float32 out."""
     degree = len(coeffs) - 1
     if degree <= 1:
         out = float(coeffs[0]) * eye if coeffs else torch.zeros_like(eye)
         return out + float(coeffs[1]) * z if degree == 1 else out
     k = baby_degree(degree) if k is None else k
-    basis = [eye, z]
+    basis = [] if basis is None else basis
+    if not basis:
+        basis.extend([eye, z])
     while len(basis) < k + 1:
         if len(basis) == 2 and t2 is not None:
             basis.append(t2)

@@ -22,7 +22,7 @@ import torch
 
 from . import auto_table
 from .exact import _powered
-from .registry import SpectralMethod, get_method, register_method
+from .registry import SpectralMethod, get_method, method_workspace, register_method
 
 
 def gram_rr_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
@@ -73,26 +73,40 @@ def gram_rr_cost(m: int, n: int) -> float:
     return 10.0 * m * n * n + 2.0 * n**3 + 9.0 * n**3 + 2.0 * 9.0 * n**3
 
 
-def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None) -> str:
-    """Method name ``"auto"`` uses for one (m, n) matrix on ``device_type`` (device ``index``):
-    the fastest that met the bar in the measured table (:mod:`.auto_table`), else the documented
-    rule (on CUDA ``fast_ns`` for m/n >= 2 and ``eigh`` for near-square shapes; ``eigh``
-    elsewhere: :func:`.auto_table.rule_method`)."""
+def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None,
+                power: Optional[float] = None) -> str:
+    """Method name ``"auto"`` uses for one (m, n) matrix on ``device_type`` (device ``index``)
+    at ``power``: the fastest that met the bar in the measured table (:mod:`.auto_table`), else
+    the documented rule (on CUDA ``log_ns`` for m/n >= 2, and near square for p >= 1/8;
+    ``eigh`` elsewhere: :func:`.auto_table.rule_method`). Without a power, the choice for p
+    unknown (near square: ``eigh``)."""
     key = auto_table.device_key(device_type, index)
-    return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type, m, n))[0]
+    return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type, m, n, power))[0]
 
 
 def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:
-    """Dispatches on device and shape (host metadata only, no sync). (b, m, n) -> float32."""
-    name = auto_choice(x.device.type, x.size(-2), x.size(-1), x.device.index)
+    """Dispatches on device, shape and power (host metadata only, no sync). (b, m, n) -> float32."""
+    name = auto_choice(x.device.type, x.size(-2), x.size(-1), x.device.index, power)
     return get_method(name).fn(x, power, rtol).to(torch.float32)
 
 
+def auto_plan_choice(m: int, n: int, power: Optional[float] = None) -> str:
+    """The method the planner costs ``auto`` as: the CUDA rule's for the shape and power. Every
+    rank must make the same plan, so this is one fixed method, not a per-device lookup (ranks
+    could see different devices), and the balance matters on GPU clusters."""
+    return auto_table.rule_method("cuda", m, n, power)
+
+
 def auto_cost(m: int, n: int) -> float:
-    # The planner must give every rank the same plan, so it costs one fixed method, not a
-    # per-device lookup (ranks could see different devices): the CUDA rule's method for the
-    # shape, since the balance matters on GPU clusters (see registry.cost for the units).
-    return get_method(auto_table.rule_method("cuda", m, n)).cost(m, n)
+    """FLOPs of :func:`auto_plan_choice` without a power (see registry.cost for the units)."""
+    return get_method(auto_plan_choice(m, n)).cost(m, n)
+
+
+def auto_workspace(m: int, n: int) -> float:
+    """The larger workspace of the two methods the rule picks between (the exact RULE_METHOD and
+    the CUDA fast method), whatever the device and power."""
+    names = (auto_table.RULE_METHOD, auto_table.rule_method("cuda"))
+    return max(method_workspace(name, m, n) for name in names)
 
 
 register_method(
@@ -115,6 +129,8 @@ register_method(
         cost=auto_cost,
         exact=False,
         powers="any",
-        description="fastest method meeting the HTMuon accuracy bar for the device and shape",
+        description="fastest method meeting the HTMuon accuracy bar for the device, shape and power",
+        workspace=auto_workspace,
+        chooser=auto_plan_choice,
     )
 )

@@ -41,10 +41,10 @@ _executor: Optional[ThreadPoolExecutor] = None
 
 
 def _job_cost(job: Job) -> float:
-    x, _, method, _ = job
+    x, power, method, _ = job
     b = x.shape[0] if x.ndim == 3 else 1
     try:
-        return b * method_cost(method, x.shape[-2], x.shape[-1])
+        return b * method_cost(method, x.shape[-2], x.shape[-1], power)
     except ValueError:  # unknown method: spectral_power raises the real error later
         return float(x.numel())
 

@@ -20,20 +20,27 @@ Gram eigenvalues: ``T_1, T_2`` of every ``G_k`` (``G_k^2`` is computed anyway) a
 ``FINAL_DEGREE`` terms in the last one, ``G_K``:
 
     L = c_0 I + Σ_{k<K} (c_k1 T_1(Z_k) + c_k2 T_2(Z_k)) + Σ_j d_j T_j(Z_K),   Z_k = 2 G_k / ymax_k - I,
-    T = X_{k1} · exp(L)
+    T = X_{k1} · (exp(L) · C(Z_K))
 
 The sum costs no product. ``exp(L)`` is one Taylor polynomial by Paterson–Stockmeyer blocks, with
 scaling and squaring where ``L``'s range needs it. The fit is joint (all Gram matrices at once),
 so the steps may fold (map distinct σ onto the same later value: the earlier Gram matrices still
 tell them apart).
 
-**Normalisation, and no cut.** The noise cutoff ``τ = fro ||M||_F`` (the exact methods' rule,
-:mod:`.cutoff`) is at the normalised value ``fro``, a host constant, for every matrix, so the plan
-lifts exactly from ``floor = fro``. Directions above ``τ`` are fitted (``plan.bound``: the largest
-error of ``ln(F(σ)/σ^p)`` over ``[fro, 1]`` in exact arithmetic). Below ``τ`` the output is
-whatever the fitted polynomials extrapolate to: there is **no rank cutoff**, and directions that
-bf16 rounding created in a rank-deficient matrix keep weight. The registry says so
-(``cuts_noise=False``) and ``auto`` never picks it: it is for full-rank momenta.
+**Normalisation and the rank cutoff.** The noise cutoff ``τ = fro ||M||_F`` (the exact methods'
+rule, :mod:`.cutoff`) is at the normalised value ``fro``, a host constant, for every matrix. The
+plan lifts from ``floor = NOISE_LIFT τ`` and fits every direction above it (``plan.bound``: the
+largest error of ``ln(F(σ)/σ^p)`` over ``[floor, 1]`` in exact arithmetic); it zeroes every
+direction below ``plan.zero = NOISE_ZERO τ`` (rounding-made directions measure <= 0.37 τ);
+between the two the weight falls smoothly, a soft version of the exact method's hard cut at
+``τ``. The zeroing is the cut factor ``C``, a Chebyshev series in the last Gram matrix (where the
+floor sits at ``y >= FINAL_LOW`` and the zero point ~6x lower), fitted to 1 on the lifted band and
+0 below ``plan.zero``; ``L`` absorbs C's deviation from 1 on the band (it is fitted to
+``ln(σ^p / s_{k1}) - ln C``). ``plan.leak`` bounds what a direction below the zero point keeps.
+``exp(L)`` is largest on the directions under the floor (up to ~e^6 on tall matrices), so the
+product ``exp(L) · C`` carries ``exp(L)`` as two fp16 terms (:func:`.precision.mm_split`): one
+rounding of it leaked that size into the kept directions (measured 2.4-5.2x the accuracy bar on
+rank-deficient inputs, also with L held flat under the zero point; split: 0.52x).
 docs/spectral.md, "log_ns", has the measurements.
 
 **Precision.** Every product goes through :func:`.precision.mm` with float32 output. The first
@@ -54,6 +61,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -82,6 +90,21 @@ TALL, TALL_X_STEPS, SQUARE_X_STEPS = 1.5, 1, 3
 FINAL_LOW = 0.25  # the floor's eigenvalue in the last Gram matrix: the final series' range
 MAX_X_STEPS, MAX_GRAM_STEPS = 8, 16
 MAX_COEF, MAX_SQUARINGS = 4.0, 4  # :func:`_well_posed` (accepted fits measured 0.4-2.3 and 2-4)
+# The rank cutoff (module docstring): lift from NOISE_LIFT tau, zero below NOISE_ZERO tau
+# (rounding-made directions measure <= 0.37 tau). Lifting from 2 tau (two Gram steps fewer)
+# attenuated real directions just above tau: bf16 power law at 5461 x 2048, whose smallest
+# singular values lie at 1.4 tau, measured err/gap 0.84 at p = 1/16 (1.25 tau: 0.13); a power law
+# down to 1.1 tau at 1365 x 512 measured 2.7 (1.25 tau: 0.14). A narrower band makes C steeper
+# and the fit of L harder.
+NOISE_LIFT, NOISE_ZERO = 1.25, 0.45
+# C's Chebyshev degrees and the weights of L's rows between the zero point and the floor (L held
+# near its natural continuation there so that exp(L) does not blow up under the floor), tried in
+# this order; the first plan within the bound, well posed and with leak <= MAX_LEAK is taken.
+CUT_DEGREES = (6, 5, 7)
+MID_WEIGHTS = (1e-3, 3e-3, 1e-2)
+CUT_LOW_WEIGHT, CUT_RAMP_WEIGHT = 30.0, 0.1  # C's fit: rows below the zero point, rows between
+MIN_CUT = 0.8  # C on the lifted band stays >= this (L absorbs ln C; a small C would be a cut there)
+MAX_LEAK = 0.01  # F(sigma) / floor^p below the zero point, exact arithmetic
 FINAL_DEGREE = 6  # Chebyshev terms in the last Gram matrix (T_1, T_2 free; the rest 2 products, .chebyshev)
 # A plan is accepted when its fitted log error is at most FIT_TARGET * p over [floor, 1]. The
 # accuracy bar's gap is at least ~0.35 p on the test spectra (docs/spectral.md), so this keeps
@@ -92,8 +115,12 @@ FIT_TARGET = 0.035
 # varying between runs), at no cost in the fitted bound.
 FIT_RIDGE = 1e-8
 EXP_TOL = 2e-5  # truncation of the Taylor series of exp on the scaled range
-MIN_FLOOR = 1e-5  # an explicit rtol smaller than this is lifted from here (16-bit data never needs it)
-MAX_FLOOR = 0.05
+# exp's Taylor series runs on L / 2^s with a radius at most this, at the fewest products (one
+# fewer than a radius of 0.5 on most plans). Unscaled, radius 2-3.6 at degree 11-14 lost accuracy
+# in fp16 (measured err/gap 0.28-0.33 against 0.10-0.15 at 1024 x 1024, p = 1/16).
+EXP_MAX_SCALED = 1.1
+MIN_TAU = 1e-5  # an explicit rtol smaller than this is cut here (16-bit data never needs it)
+MAX_TAU = 0.05
 
 
 @dataclass(frozen=True)
@@ -105,7 +132,9 @@ class Plan:
     (K = k1 + k2); ``coef``: ``c_0``, then ``(c_k1, c_k2)`` for k < K, then the ``FINAL_DEGREE``
     coefficients of ``Z_K``; ``center``/``squarings``/``taylor``: ``exp(L) = e^center (Σ_j
     (L - center)^j / (2^s)^j / j!)^(2^s)``; ``bound``: max |ln(F(σ)/σ^p)| over ``σ in [floor,
-    1]`` in exact arithmetic.
+    1]`` in exact arithmetic; ``zero``: every σ below it maps to ~0; ``cut``: Chebyshev
+    coefficients of the cut factor C in ``Z_K``; ``leak``: max ``|F(σ)| / floor^p`` over ``σ in
+    [0, zero]``.
     """
 
     power: float
@@ -118,6 +147,9 @@ class Plan:
     squarings: int
     taylor: int
     bound: float
+    zero: float
+    cut: tuple[float, ...]
+    leak: float
 
 
 def _trajectory(steps, sigma: torch.Tensor) -> list[torch.Tensor]:
@@ -148,29 +180,64 @@ def _basis(ys: list[torch.Tensor], ymax, final_degree: int = FINAL_DEGREE) -> to
     return torch.cat(cols, dim=1)
 
 
+def _exp_products(squarings: int, degree: int) -> int:
+    """(n, n) products of exp(L) (:func:`_expm`): Z^2, Z^3, one per further block of 3, squarings."""
+    return (2 if degree >= 3 else 1) + degree // 3 + squarings
+
+
 def _exp_plan(lo: float, hi: float) -> tuple[float, int, int]:
-    """(center, squarings, Taylor degree) for exp on [lo, hi] to EXP_TOL."""
+    """(center, squarings, Taylor degree) for exp on [lo, hi] to EXP_TOL: the fewest products
+    with the scaled radius at most EXP_MAX_SCALED (ties: more squarings, a smaller scaled
+    radius)."""
     center, radius = 0.5 * (lo + hi), 0.5 * (hi - lo) * 1.05 + 1e-3
-    squarings = max(0, math.ceil(math.log2(radius / 0.5)))
-    r = radius / 2**squarings
-    degree = 1
-    while r ** (degree + 1) / math.factorial(degree + 1) * 2**squarings > EXP_TOL:
-        degree += 1
-    return center, squarings, degree
+    best = None
+    for squarings in range(max(0, math.ceil(math.log2(radius / EXP_MAX_SCALED))), MAX_SQUARINGS + 3):
+        r, degree = radius / 2**squarings, 1
+        while r ** (degree + 1) / math.factorial(degree + 1) * 2**squarings > EXP_TOL:
+            degree += 1
+        key = (_exp_products(squarings, degree), -squarings)
+        if best is None or key < best[0]:
+            best = (key, squarings, degree)
+    return center, best[1], best[2]
 
 
-def _fit(power: float, floor: float, steps, gram) -> Plan:
-    sigma = torch.logspace(math.log10(floor), 0.0, 3000, dtype=torch.float64)
-    full = torch.cat([torch.linspace(0.0, 1.0, 2001, dtype=torch.float64), sigma])
+def _fit(power: float, floor: float, zero: float, steps, gram, cut_degree: int = CUT_DEGREES[0],
+         mid_weight: float = MID_WEIGHTS[0]) -> Optional[Plan]:
+    """The plan of these steps: C fitted first, then L; None where C dips under MIN_CUT on the
+    band (float64, host)."""
+    f64 = torch.float64
+    band = torch.logspace(math.log10(floor), 0.0, 3000, dtype=f64)
+    mid = torch.logspace(math.log10(zero), math.log10(floor), 200, dtype=f64)
+    low = torch.linspace(0.0, zero, 400, dtype=f64)
+    full = torch.cat([torch.linspace(0.0, 1.0, 2001, dtype=f64), band])
     ys_full, _ = _gram_values(steps, gram, full)
     ymax = tuple(max(1.0, float(y.max())) for y in ys_full)
-    ys, lifted = _gram_values(steps, gram, sigma)
-    target = power * sigma.log() - lifted.log()
-    coef, err = lawson_fit(_basis(ys, ymax), target, 60, ridge=FIT_RIDGE)
+    (ys_b, s_b), (ys_m, s_m), (ys_l, s_l) = (_gram_values(steps, gram, g) for g in (band, mid, low))
+    # C: 1 on the band, 0 below the zero point, a ramp in ln sigma between (loosely)
+    ramp = (mid.log() - math.log(zero)) / (math.log(floor) - math.log(zero))
+    y_last = torch.cat([ys_b[-1], ys_l[-1], ys_m[-1]])
+    want = torch.cat([torch.ones_like(band), torch.zeros_like(low), ramp])
+    weight = torch.cat([torch.ones_like(band), torch.full_like(low, CUT_LOW_WEIGHT), torch.full_like(mid, CUT_RAMP_WEIGHT)])
+    cut, _ = lawson_fit(poly_basis(y_last, cut_degree, ymax[-1]) * weight[:, None], want * weight, 60, ridge=FIT_RIDGE)
+
+    def c_of(ys):
+        return poly_basis(ys[-1], cut_degree, ymax[-1]) @ cut
+
+    c_band = c_of(ys_b)
+    if float(c_band.min()) < MIN_CUT:
+        return None
+    # L: ln(sigma^p / s_k1) - ln C on the band; its natural continuation (lightly) down to the zero point
+    target_b = power * band.log() - s_b.log() - c_band.log()
+    rows = torch.cat([_basis(ys_b, ymax), mid_weight * _basis(ys_m, ymax)])
+    rhs = torch.cat([target_b, mid_weight * (power * mid.log() - s_m.log())])
+    coef, _ = lawson_fit(rows, rhs, 60, ridge=FIT_RIDGE)
+    err = float((_basis(ys_b, ymax) @ coef - target_b).abs().max())
     values = _basis(ys_full, ymax) @ coef  # L on every direction, the ones under the floor included
     center, squarings, degree = _exp_plan(float(values.min()), float(values.max()))
+    weight_low = s_l * torch.exp(_basis(ys_l, ymax) @ coef) * c_of(ys_l)
+    leak = float(weight_low.abs().max()) / floor**power
     return Plan(float(power), float(floor), tuple(steps), tuple(gram), ymax, tuple(coef.tolist()), center,
-                squarings, degree, float(err))
+                squarings, degree, err, float(zero), tuple(cut.tolist()), leak)
 
 
 def x_steps_for(m: int, n: int) -> int:
@@ -178,23 +245,25 @@ def x_steps_for(m: int, n: int) -> int:
     return TALL_X_STEPS if m >= TALL * n else SQUARE_X_STEPS
 
 
-def make_plan(power: float, floor: float, x_steps: int, fit_target: float = FIT_TARGET) -> Plan:
-    """``x_steps`` X steps (:func:`x_steps_for`), then the fewest Gram steps that lift the floor
-    to FINAL_LOW with a well-posed fit (:func:`_well_posed`) within ``fit_target * power`` on
-    ``[floor, 1]``; if a well-posed fit needs it, more X steps; the most accurate well-posed
-    plan otherwise. A looser ``fit_target`` picks fewer steps (benchmarks/fast_ns_frontier.py's
-    ``log_ns/fit0.07``)."""
+def make_plan(power: float, tau: float, x_steps: int, fit_target: float = FIT_TARGET) -> Plan:
+    """The plan for the normalised cutoff ``tau`` (:func:`normalised_cutoff`): it lifts from
+    ``NOISE_LIFT tau`` and zeroes below ``NOISE_ZERO tau``. ``x_steps`` X steps
+    (:func:`x_steps_for`), then the fewest Gram steps that lift the floor to FINAL_LOW with a
+    well-posed fit (:func:`_well_posed`) within ``fit_target * power`` on ``[floor, 1]``; if a
+    well-posed fit needs it, more X steps; the most accurate well-posed plan otherwise. A looser
+    ``fit_target`` picks fewer steps (benchmarks/fast_ns_frontier.py's ``log_ns/fit0.07``)."""
     if not 0.0 < power < 1.0:
         raise ValueError(f"log_ns: power must be in (0, 1), got {power}")
-    if not MIN_FLOOR <= floor <= MAX_FLOOR:
-        raise ValueError(f"log_ns: floor must be in [{MIN_FLOOR}, {MAX_FLOOR}], got {floor}")
+    if not MIN_TAU <= tau <= MAX_TAU:
+        raise ValueError(f"log_ns: tau (the cutoff over ||M||_F) must be in [{MIN_TAU}, {MAX_TAU}], got {tau}")
     if not 1 <= x_steps <= MAX_X_STEPS:
         raise ValueError(f"log_ns: x_steps must be in [1, {MAX_X_STEPS}], got {x_steps}")
-    return _plan(float(power), float(floor), int(x_steps), float(fit_target))
+    return _plan(float(power), float(tau), int(x_steps), float(fit_target))
 
 
 @lru_cache(maxsize=256)
-def _plan(power: float, floor: float, x_steps: int, fit_target: float) -> Plan:
+def _plan(power: float, tau: float, x_steps: int, fit_target: float) -> Plan:
+    floor, zero = NOISE_LIFT * tau, NOISE_ZERO * tau
     best = None
     for k1 in range(x_steps, MAX_X_STEPS + 1):
         steps = (X_STEP,) * k1
@@ -203,40 +272,47 @@ def _plan(power: float, floor: float, x_steps: int, fit_target: float) -> Plan:
             ys, _ = _gram_values(steps, gram, torch.tensor([floor], dtype=torch.float64))
             if float(ys[-1]) < FINAL_LOW:  # the floor is not lifted into the band the final fit covers
                 continue
-            plan = _fit(power, floor, steps, gram)
-            if not _well_posed(plan):
+            usable = []
+            for degree in CUT_DEGREES:
+                for weight in MID_WEIGHTS:
+                    plan = _fit(power, floor, zero, steps, gram, degree, weight)
+                    if plan is None or not _well_posed(plan):
+                        continue
+                    if plan.bound <= fit_target * power:
+                        return plan
+                    usable.append(plan)
+            if not usable:
                 break  # more Gram steps only add collinear columns: one more X step instead
-            if plan.bound <= fit_target * power:
-                return plan
-            if best is None or plan.bound < best.bound:
-                best = plan
+            best = min(usable + ([best] if best else []), key=lambda plan: plan.bound)
     if best is None:
         raise RuntimeError(f"log_ns: no schedule lifts {floor} within {MAX_X_STEPS} X and {MAX_GRAM_STEPS} Gram steps")
     return best
 
 
 def _well_posed(plan: Plan) -> bool:
-    """A fit whose coefficients stay small (rounding of each term is not amplified) and whose L
+    """A fit whose coefficients stay small (rounding of each term is not amplified), whose L
     stays in a range exp covers in a few squarings on every direction, those under the floor
-    included. Long Gram phases from a low floor can fail this (near-collinear columns)."""
-    return max(abs(c) for c in plan.coef) <= MAX_COEF and plan.squarings <= MAX_SQUARINGS
+    included, and whose cut keeps at most MAX_LEAK under the zero point. Long Gram phases from
+    a low floor can fail this (near-collinear columns)."""
+    return (max(abs(c) for c in plan.coef) <= MAX_COEF and plan.squarings <= MAX_SQUARINGS
+            and plan.leak <= MAX_LEAK)
 
 
 def plan_for(power: float, rtol: float, m: int, n: int, fit_target: float = FIT_TARGET) -> Plan:
     """The plan for (m, n) matrices, m >= n, under the resolved cutoff ``rtol``."""
-    return make_plan(float(power), plan_floor(rtol, n), x_steps_for(m, n), fit_target)
+    return make_plan(float(power), normalised_cutoff(rtol, n), x_steps_for(m, n), fit_target)
 
 
-def plan_floor(rtol: float, n: int) -> float:
-    """The normalised floor for a cutoff: its Frobenius part under the noise rule (the cut
-    ``τ = fro ||M||_F`` sits at ``fro`` after normalising by ``||M||_F``); an explicit float
-    ``rtol`` (relative to σ_max >= ||M||_F / sqrt(n)) maps to ``rtol / sqrt(n)``. Rounded down
-    to two significant digits so that nearby shapes share a cached plan."""
+def normalised_cutoff(rtol: float, n: int) -> float:
+    """The cutoff over ``||M||_F`` (``X_0``'s units): its Frobenius part under the noise rule
+    (``τ = fro ||M||_F`` sits at ``fro``); an explicit float ``rtol`` (relative to σ_max >=
+    ||M||_F / sqrt(n)) maps to ``rtol / sqrt(n)``. Rounded down to two significant digits so
+    that nearby shapes share a cached plan."""
     fro = getattr(rtol, "fro", 0.0)
     raw = fro if fro > 0.0 else float(rtol) / math.sqrt(n)
-    raw = min(max(raw, MIN_FLOOR), MAX_FLOOR)
+    raw = min(max(raw, MIN_TAU), MAX_TAU)
     digits = 10 ** math.floor(math.log10(raw) - 1)
-    return max(MIN_FLOOR, math.floor(raw / digits) * digits)
+    return max(MIN_TAU, math.floor(raw / digits) * digits)
 
 
 def _cheb_matrix(g: torch.Tensor, g2: torch.Tensor, ymax: float, eye: torch.Tensor):
@@ -268,6 +344,9 @@ def _expm(l: torch.Tensor, plan: Plan, eye: torch.Tensor, dtype: torch.dtype) ->
     for _ in range(plan.squarings):
         out = precision.mm(out, out, dtype)
     return out * math.exp(plan.center)
+
+
+_CUT_K = chebyshev.baby_degree(FINAL_DEGREE)  # the cut series shares the final series' T_2..T_k
 
 
 def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) -> torch.Tensor:
@@ -318,12 +397,18 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
         gram = a * gram + b * gram2
         gram = 0.5 * (gram + gram.mT)
         k += 1
-    # T_1..T_FINAL_DEGREE of the last Gram, by Paterson-Stockmeyer blocks
-    z, t2 = _cheb_matrix(gram, precision.mm(gram, gram, dtype), plan.ymax[k], eye)
-    lmat = lmat + chebyshev.matrix_series((0.0,) + coef[pos:], z, eye,
-                                          lambda u, v: precision.mm(u, v, dtype), t2=t2)
+    # T_1..T_FINAL_DEGREE of the last Gram, by Paterson-Stockmeyer blocks; the cut factor reuses
+    # their T_2..T_k
+    def mm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return precision.mm(u, v, dtype)
+
+    z, t2 = _cheb_matrix(gram, mm(gram, gram), plan.ymax[k], eye)
+    basis: list = []
+    lmat = lmat + chebyshev.matrix_series((0.0,) + coef[pos:], z, eye, mm, t2=t2, basis=basis)
     lmat = 0.5 * (lmat + lmat.mT)
-    out = precision.mm(xk, _expm(lmat, plan, eye, dtype), dtype) / carry
+    cut = chebyshev.matrix_series(plan.cut, z, eye, mm, t2=t2, k=_CUT_K, basis=basis)
+    weight = precision.mm_split(_expm(lmat, plan, eye, dtype), cut, dtype)
+    out = precision.mm(xk, weight, dtype) / carry
     return out.mul_((two * fro2.sqrt()) ** plan.power)
 
 
@@ -348,9 +433,10 @@ def plan_products(plan: Plan) -> dict[str, int]:
     """Products of one matrix by kind: ``"mn2"`` (the Gram X^T X or X·W: 2 m n^2 FLOPs each)
     and ``"n3"`` (n x n by n x n: 2 n^3 FLOPs each)."""
     k1, k2 = len(plan.steps), len(plan.gram)
-    mn2 = 2 * k1 + 2  # G_k and X_{k+1} per X step, G_{k1}, the final X_{k1} exp(L)
+    mn2 = 2 * k1 + 2  # G_k and X_{k+1} per X step, G_{k1}, the final X_{k1} exp(L) C
     n3 = k1 + k2 + 1 + chebyshev.products(FINAL_DEGREE, t2_given=True)  # every G_k^2; the last series
-    n3 += (2 if plan.taylor >= 3 else 1) + plan.taylor // 3 + plan.squarings  # exp(L)
+    n3 += _exp_products(plan.squarings, plan.taylor)  # exp(L)
+    n3 += chebyshev.products(len(plan.cut) - 1, _CUT_K, basis_given=True) + 2  # C; exp(L) C in two terms
     return {"mn2": mn2, "n3": n3}
 
 
@@ -363,9 +449,9 @@ def log_ns_cost(m: int, n: int, power: float = 0.125) -> float:
 
 def log_ns_workspace(m: int, n: int) -> float:
     """Bytes beyond input and output: the float32 input copy and X_k with its next value (3 x
-    4mn), one operand's 16-bit copy and its float32 widening on the CPU (2mn + 4mn), and ~14
-    float32 (n, n) matrices (G, G^2, Z, T_j, L, exp's powers and blocks)."""
-    return 18.0 * m * n + 56.0 * n * n
+    4mn), one operand's 16-bit copy and its float32 widening on the CPU (2mn + 4mn), and ~16
+    float32 (n, n) matrices (G, G^2, Z, T_j, L, exp's powers and blocks, C, exp(L)'s two terms)."""
+    return 18.0 * m * n + 64.0 * n * n
 
 
 register_method(
@@ -377,11 +463,10 @@ register_method(
         powers="any",
         description=(
             "approximate, matmul-only in fp16/bf16 with fp32 accumulation: Newton-Schulz lift, "
-            "then Gram-space quadratic steps, with a joint log-domain fit of sigma^p; for full-rank "
-            "16-bit momenta on GPUs (no rank cutoff: rounding-made directions of rank-deficient "
-            "data keep weight)"
+            "then Gram-space quadratic steps, with a joint log-domain fit of sigma^p and a soft "
+            "rank cut (lifts from 1.25x the noise cutoff, zeroes below 0.45x); for 16-bit "
+            "momenta on GPUs"
         ),
         workspace=log_ns_workspace,
-        cuts_noise=False,
     )
 )

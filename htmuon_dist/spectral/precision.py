@@ -74,3 +74,14 @@ def mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if a.device.type == "cpu":
         return torch.matmul(round_to(a, dtype), round_to(b, dtype))
     return _native(a, b, dtype)
+
+
+def mm_split(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with ``a`` carried as the sum of two ``dtype`` values (``hi + lo``) and ``b``
+    rounded once: two products of :func:`mm`, and ``a``'s rounding error drops from ``u |a|``
+    to about ``u^2 |a|``. For a left factor whose large entries would otherwise pollute small
+    directions of the product (log_ns's ``exp(L)`` times its cut factor). float32 output."""
+    if dtype == torch.float32:
+        return mm(a, b, dtype)
+    hi = round_to(a, dtype)
+    return mm(hi, b, dtype) + mm(a.to(torch.float32) - hi, b, dtype)

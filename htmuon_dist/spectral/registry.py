@@ -49,9 +49,11 @@ class SpectralMethod:
             (b,) float32)``; ``fn`` is then its form without state.
         cuts_noise: True when singular values under the rank cutoff (the rounding-noise rule of
             :mod:`.cutoff` by default) map to zero, so that directions which rounding created in
-            a rank-deficient matrix get no weight. False for a method that keeps them
-            (``log_ns``): ``auto`` never picks it, and tests/test_cutoff.py's rank-deficient
-            cases do not apply to it.
+            a rank-deficient matrix get no weight. False for a method that keeps them: ``auto``
+            never picks it, and tests/test_cutoff.py's rank-deficient cases do not apply to it.
+        chooser: for a method that runs another one (``auto``): ``(m, n, power or None) ->``
+            the name of the method the planner should cost it as; :func:`method_cost` then
+            returns that method's cost.
     """
 
     name: str
@@ -65,6 +67,7 @@ class SpectralMethod:
     state_numel: Optional[CostFn] = None
     stateful: Optional[Callable] = None
     cuts_noise: bool = True
+    chooser: Optional[Callable[[int, int, Optional[float]], str]] = None
 
 
 _METHODS: dict[str, SpectralMethod] = {}
@@ -100,10 +103,14 @@ def available_methods() -> dict[str, str]:
     return {name: m.description for name, m in sorted(_METHODS.items())}
 
 
-def method_cost(name: str, m: int, n: int) -> float:
-    """FLOP estimate of ``name`` on one (m, n) matrix, either orientation."""
+def method_cost(name: str, m: int, n: int, power: Optional[float] = None) -> float:
+    """FLOP estimate of ``name`` on one (m, n) matrix, either orientation, at ``power`` (only a
+    method with a ``chooser`` (``auto``) depends on it)."""
     m, n = max(m, n), min(m, n)
-    return get_method(name).cost(m, n)
+    spec = get_method(name)
+    if spec.chooser is not None:
+        spec = get_method(spec.chooser(m, n, power))
+    return spec.cost(m, n)
 
 
 def default_workspace(m: int, n: int) -> float:

@@ -37,11 +37,13 @@ between the two the weight falls smoothly, a soft version of the exact method's 
 floor sits at ``y >= FINAL_LOW`` and the zero point ~6x lower), fitted to 1 on the lifted band and
 0 below ``plan.zero``; ``L`` absorbs C's deviation from 1 on the band (it is fitted to
 ``ln(σ^p / s_{k1}) - ln C``). ``plan.leak`` bounds what a direction below the zero point keeps.
-``exp(L)`` is largest on the directions under the floor (up to ~e^6 on tall matrices), so the
-product ``exp(L) · C`` carries ``exp(L)`` as two fp16 terms (:func:`.precision.mm_split`): one
-rounding of it leaked that size into the kept directions (measured 2.4-5.2x the accuracy bar on
-rank-deficient inputs, also with L held flat under the zero point; split: 0.52x).
-docs/spectral.md, "log_ns", has the measurements.
+``exp(L)`` is largest on the directions under the floor (up to ~e^6 on tall matrices), and one
+fp16 rounding of it as the left factor of ``exp(L) · C`` leaked that size into the kept
+directions (measured 2.4-5.2x the accuracy bar on rank-deficient inputs, also with L held flat
+under the zero point). So the product is ``E (E C)`` with ``E = exp(L / 2)`` (exp's last
+squaring, spent on C instead: no extra product), whose roundings are ~e^3 (measured 0.53x);
+plans without a squaring carry ``exp(L)`` as two fp16 terms instead (:func:`.precision.mm_split`,
+0.52x). docs/spectral.md, "log_ns", has the measurements.
 
 **Precision.** Every product goes through :func:`.precision.mm` with float32 output. The first
 Gram matrix multiplies the input itself, scaled by a power of two: exact for bf16/fp16 data, so it
@@ -322,9 +324,10 @@ def _cheb_matrix(g: torch.Tensor, g2: torch.Tensor, ymax: float, eye: torch.Tens
     return z, t2
 
 
-def _expm(l: torch.Tensor, plan: Plan, eye: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """exp(L) for symmetric L (b, n, n) float32 by the plan's Taylor degree (Paterson–Stockmeyer
-    blocks of 3) and squarings; every product 16-bit operands, float32 output."""
+def _expm(l: torch.Tensor, plan: Plan, eye: torch.Tensor, dtype: torch.dtype, squarings: int) -> torch.Tensor:
+    """exp(L / 2^(plan.squarings - squarings)) for symmetric L (b, n, n) float32 by the plan's
+    Taylor degree (Paterson–Stockmeyer blocks of 3) and ``squarings`` of its squarings; every
+    product 16-bit operands, float32 output."""
     z = (l - plan.center * eye) / 2**plan.squarings
     coef = [1.0 / math.factorial(j) for j in range(plan.taylor + 1)]
     z2 = precision.mm(z, z, dtype)
@@ -341,9 +344,9 @@ def _expm(l: torch.Tensor, plan: Plan, eye: torch.Tensor, dtype: torch.dtype) ->
     out = blocks[-1]
     for blk in reversed(blocks[:-1]):
         out = blk + precision.mm(z3, out, dtype)
-    for _ in range(plan.squarings):
+    for _ in range(squarings):
         out = precision.mm(out, out, dtype)
-    return out * math.exp(plan.center)
+    return out * math.exp(plan.center / 2 ** (plan.squarings - squarings))
 
 
 _CUT_K = chebyshev.baby_degree(FINAL_DEGREE)  # the cut series shares the final series' T_2..T_k
@@ -407,7 +410,11 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
     lmat = lmat + chebyshev.matrix_series((0.0,) + coef[pos:], z, eye, mm, t2=t2, basis=basis)
     lmat = 0.5 * (lmat + lmat.mT)
     cut = chebyshev.matrix_series(plan.cut, z, eye, mm, t2=t2, k=_CUT_K, basis=basis)
-    weight = precision.mm_split(_expm(lmat, plan, eye, dtype), cut, dtype)
+    if plan.squarings >= 1:  # E (E C) with E = exp(L / 2): E's rounding is ~e^(max L / 2), not e^(max L)
+        half = _expm(lmat, plan, eye, dtype, plan.squarings - 1)
+        weight = mm(half, mm(half, cut))
+    else:
+        weight = precision.mm_split(_expm(lmat, plan, eye, dtype, 0), cut, dtype)
     out = precision.mm(xk, weight, dtype) / carry
     return out.mul_((two * fro2.sqrt()) ** plan.power)
 
@@ -436,7 +443,8 @@ def plan_products(plan: Plan) -> dict[str, int]:
     mn2 = 2 * k1 + 2  # G_k and X_{k+1} per X step, G_{k1}, the final X_{k1} exp(L) C
     n3 = k1 + k2 + 1 + chebyshev.products(FINAL_DEGREE, t2_given=True)  # every G_k^2; the last series
     n3 += _exp_products(plan.squarings, plan.taylor)  # exp(L)
-    n3 += chebyshev.products(len(plan.cut) - 1, _CUT_K, basis_given=True) + 2  # C; exp(L) C in two terms
+    n3 += chebyshev.products(len(plan.cut) - 1, _CUT_K, basis_given=True) + 1  # C; E (E C) for E E
+    n3 += 1 if plan.squarings == 0 else 0  # exp(L) C in two terms
     return {"mn2": mn2, "n3": n3}
 
 

@@ -106,20 +106,20 @@ def test_equivariances(method: str) -> None:
         scaled = fn((x * c)[None], 0.125, rtol)[0].double()
         assert float((scaled - base * c**0.125).norm() / base.norm()) < 1e-5, c
     # any other scale changes the fp16 rounding of the operands: equal to that rounding (log_ns
-    # measured 4.0e-3 here, 2.9e-3 before its cut; about the same with its cut factor replaced by 1)
+    # measured 3.8e-3 here, 2.9e-3 before its cut; about the same with its cut factor replaced by 1)
     scaled = fn((x * 3.0)[None], 0.125, rtol)[0].double()
-    assert float((scaled - base * 3.0**0.125).norm() / base.norm()) < {"fast_ns": 3e-3, "log_ns": 6e-3}[method]
+    assert float((scaled - base * 3.0**0.125).norm() / base.norm()) < {"fast_ns": 3e-3, "log_ns": 5e-3}[method]
     # transpose: spectral_power runs the wide matrix as its transpose
     y = spectral_power(x, 0.125, method=method, eps=BF16_EPS).double()
     yt = spectral_power(x.T.contiguous(), 0.125, method=method, eps=BF16_EPS).double()
     assert torch.equal(yt, y.T)
-    # orthogonal invariance, to the rounding of the operands (log_ns measured 4.4e-3 here: at
+    # orthogonal invariance, to the rounding of the operands (log_ns measured 3.4e-3 here: at
     # n = 72 its Gram phase's ~12 fp16 (n, n) products round more than at LLaMA sizes, where
     # a rounding moves an eigenvalue by ~u ||G||_F / n; fast_ns keeps its 3e-3)
     gen = torch.Generator().manual_seed(4)
     q1, q2 = _orthonormal(120, 120, gen), _orthonormal(72, 72, gen)
     rotated = fn((q1 @ x.double() @ q2.T).float()[None], 0.125, rtol)[0].double()
-    assert float((rotated - q1 @ base @ q2.T).norm() / base.norm()) < {"fast_ns": 3e-3, "log_ns": 6e-3}[method]
+    assert float((rotated - q1 @ base @ q2.T).norm() / base.norm()) < {"fast_ns": 3e-3, "log_ns": 5e-3}[method]
 
 
 @pytest.mark.parametrize("method", FP16_METHODS)

@@ -10,7 +10,7 @@ known scalar function of ``σ``:
    handles the smallest singular values. It stops at ``X_{k1}``: after one step on tall
    matrices, three near square (:func:`x_steps_for`).
 2. **Gram phase** (``plan.gram``, k2 quadratics): ``G_{j+1} = a G_j + b G_j^2``, one (n, n)
-   product per step, where an X step costs ``2 m n^2 + n^3``. A quadratic in ``y`` lifts 2.5x
+   product per step, where an X step costs ``2 m n^2 + n^3``. A quadratic in ``y`` lifts 2.58x
    per product (a quintic X step 9x in ``y`` per three products at best), so on tall matrices
    this phase does the rest of the lift at a fraction of the cost.
 
@@ -77,9 +77,13 @@ DEFAULT_DTYPE = torch.float16
 # The X phase's step quintic h(y) = a + b y + c y^2 (s -> s h(s^2)): lift 3.0, a smoother h than
 # Jordan's NS5 step; benchmarks/lift_fit.py compares both as pure-X schedules.
 X_STEP = (3.0, -4.5, 1.8)
-# Gram-phase quadratic y -> a y + b y^2: lift 2.5 in y, largest value 1 (at y = 0.8), so it maps
-# [0, 1.6] into [0, 1] (values above 0.8 fold; the fit reads them off earlier Gram matrices).
-GRAM_STEP = (2.5, -1.5625)
+# Gram-phase quadratic y -> a y - (a^2 / 4) y^2: lift a in y, largest value 1 (at y = 2 / a), so
+# it maps [0, 4 / a] into [0, 1] (values above 2 / a fold; the fit reads them off earlier Gram
+# matrices). a = 2.58 instead of 2.5 saves a Gram step at some shapes (priced 11008 x 4096:
+# 1.18x NS5 against 1.22x; 2048^2: 2.00x against 2.07x) and measured err/gap 0.127 / 0.056 /
+# 0.026 at 5461 x 2048 (2.5: 0.129 / 0.079 / 0.037), 0.120 / 0.058 / 0.060 at 512 x 256 (2.5:
+# 0.104 / 0.047 / 0.034). From a = 2.7 on, the fit misses its bound (the map folds more).
+GRAM_STEP = (2.58, -1.6641)
 # X steps per plan: an X step costs 2 m n^2 + n^3, the Gram steps that lift as far ~2.4 n^3. On
 # tall matrices (m >= TALL n) one X step, which lifts the floor 3x before the Gram phase, is
 # enough: fp16 rounding of the (n, n) side moves an eigenvalue by ~u ||G||_F / n, small against

@@ -22,7 +22,7 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
      cannot batch it);
    * near-square matrices for p >= :data:`SQUARE_MIN_POWER` (the paper's 1/8 included):
      measured worst 0.19 at 1024x1024 and 2048x2048, priced at 2.00-2.13x NS5 against 39-67x.
-     At p = 1/16 it missed on square Marchenko-Pastur spectra (0.39: many singular values
+     At p = 1/16 it missed on square Marchenko-Pastur spectra (0.42-0.46: many singular values
      near the noise cutoff), so smaller powers keep ``eigh``.
 
    Everywhere else, p = 0 included (no bar can be met there: the HTMuon update is the exact

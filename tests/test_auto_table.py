@@ -117,3 +117,16 @@ def test_shipped_table_names_registered_methods():
 def test_cost_is_device_independent():
     # one fixed method (the CUDA rule's) on every rank, whatever device the rank has
     assert fast.auto_cost(5461, 2048) == get_method("log_ns").cost(5461, 2048)
+
+
+def test_the_engine_plans_auto_at_each_spec_power():
+    # the exchange engine balances owners on method_cost at the spec's power: auto is costed as
+    # log_ns on a square matrix at p = 1/8 and as eigh at p = 1/16 (the CUDA rule on every rank)
+    from htmuon_dist.distributed.engine import ExchangeEngine, SpectralSpec
+
+    shapes = [(64, 64), (128, 64)]
+    pieces = [((0, m * n),) for m, n in shapes]
+    for power, square in ((0.125, "log_ns"), (0.0625, "eigh")):
+        engine = ExchangeEngine(shapes, pieces, [SpectralSpec(power, "auto")] * 2, ["a", "b"])
+        want = method_cost(square, 64, 64) + method_cost("log_ns", 128, 64)
+        assert engine.plan.loads == (want,), (power, engine.plan.loads, want)

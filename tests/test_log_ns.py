@@ -31,13 +31,16 @@ def test_square_power_law_down_to_the_cut() -> None:
         assert other > 0.25, (power, other)
 
 
-def test_plan_bound_and_leak_are_what_it_applies() -> None:
+@pytest.mark.parametrize("power, squarings", [(0.125, 2), (0.9, 0)])
+def test_plan_bound_and_leak_are_what_it_applies(power: float, squarings: int) -> None:
     # plan.bound is max |ln(F(s)/s^p)| over [floor, 1], plan.leak max |F(s)| / floor^p over
     # [0, zero], both in exact arithmetic; the matrix side with float32 products must apply that
     # F to each singular value (a diagonal matrix: the singular vectors are the axes, so each
-    # direction is read off directly; F need not be monotone)
-    n, power = 48, 0.125
+    # direction is read off directly; F need not be monotone). Both ways of applying exp(L) C run:
+    # E (E C) after exp's squarings, and the two-term product where a plan has none
+    n = 48
     plan = log_ns.make_plan(power, 1e-3, log_ns.x_steps_for(80, n))
+    assert plan.squarings == squarings
     assert len(plan.steps) == 1 and len(plan.gram) >= 1  # tall: one X step, then the Gram phase
     assert plan.bound <= log_ns.FIT_TARGET * power and plan.leak <= log_ns.MAX_LEAK
     assert plan.floor == pytest.approx(log_ns.NOISE_LIFT * 1e-3) and plan.zero == pytest.approx(log_ns.NOISE_ZERO * 1e-3)

@@ -234,10 +234,11 @@ def _fit(power: float, floor: float, zero: float, steps, gram, cut_degree: int =
         return None
     # L: ln(sigma^p / s_k1) - ln C on the band; its natural continuation (lightly) down to the zero point
     target_b = power * band.log() - s_b.log() - c_band.log()
-    rows = torch.cat([_basis(ys_b, ymax), mid_weight * _basis(ys_m, ymax)])
+    basis_b = _basis(ys_b, ymax)
+    rows = torch.cat([basis_b, mid_weight * _basis(ys_m, ymax)])
     rhs = torch.cat([target_b, mid_weight * (power * mid.log() - s_m.log())])
     coef, _ = lawson_fit(rows, rhs, 60, ridge=FIT_RIDGE)
-    err = float((_basis(ys_b, ymax) @ coef - target_b).abs().max())
+    err = float((basis_b @ coef - target_b).abs().max())
     values = _basis(ys_full, ymax) @ coef  # L on every direction, the ones under the floor included
     center, squarings, degree = _exp_plan(float(values.min()), float(values.max()))
     weight_low = s_l * torch.exp(_basis(ys_l, ymax) @ coef) * c_of(ys_l)

@@ -4,6 +4,7 @@
     python benchmarks/fast_ns_frontier.py --candidates "fast_ns;fast_ns/bf16;fast_ns/f1e-2;tracked_ns/fp32;ns5/bf16 (Muon)"
     python benchmarks/fast_ns_frontier.py --shapes 512x256 --powers 0.125 --candidates fast_ns
     python benchmarks/fast_ns_frontier.py --candidates "log_ns;fast_ns"     # log_ns against fast_ns (~5 min)
+    python benchmarks/fast_ns_frontier.py --data-dtype float32 --candidates log_ns  # fp32 momentum
 
 Per candidate, shape and p it prints:
 
@@ -13,7 +14,9 @@ Per candidate, shape and p it prints:
   130 TFLOP/s, the H100 probe of benchmarks/results/spectral_h100.md), divided by bf16 NS5
   counted the same way. ``benchmarks/gpu_cost.py`` prices at the five LLaMA shapes.
 * ``err/gap`` per spectrum (target <= 0.25): ``err = ||Y - R|| / ||R||``, ``R = U Σ^p V^T`` from
-  a float64 SVD of exactly the bf16-rounded input, with the default bf16 noise cutoff;
+  a float64 SVD of exactly the bf16-rounded input, with the default noise cutoff of the dtype it
+  is held in (``--data-dtype``: bf16's by default; float32 holds the same values with fp32's
+  cutoff, what fp32 momentum gives, and the fast methods then cut at fp16's rule);
   ``gap = min_c ||c U V^T - R|| / ||R||`` (benchmarks/spectral.py's ``err/bar`` is
   ``err/gap / 0.25``). Low-precision products are emulated on the CPU by
   :func:`htmuon_dist.spectral.precision.mm` (operands rounded, float32 products), as they
@@ -49,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from htmuon_dist.spectral import default_rtol, newton_schulz5  # noqa: E402
 from htmuon_dist.spectral import fast_ns, log_ns  # noqa: E402
 from htmuon_dist.spectral.accuracy import random_orthonormal, reference  # noqa: E402
-from htmuon_dist.spectral.cutoff import Cutoff  # noqa: E402
+from htmuon_dist.spectral.cutoff import Cutoff, operand_cutoff  # noqa: E402
 from htmuon_dist.spectral.tracked_ns import tracked_ns_power  # noqa: E402
 
 SPECTRA = ("heavy_tailed", "two_bulk", "marchenko_pastur", "power_law", "logspace")
@@ -91,9 +94,16 @@ def err_over_gap(y: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> float:
 Candidate = Callable[[torch.Tensor, float], torch.Tensor]  # (b, m, n) m >= n, power -> result
 
 
+def _data_rtol(x: torch.Tensor, dtype: torch.dtype = torch.float16) -> Cutoff:
+    """The cutoff a 16-bit-product method uses on x, as registered: x's own noise rule, raised to
+    the rule of the coarsest 16-bit format its values pass through (x's dtype, or ``dtype`` for
+    float32 data: :func:`.cutoff.operand_cutoff`). bf16 data: bf16's rule."""
+    return operand_cutoff(default_rtol(x.dtype, x.shape), x, dtype)
+
+
 def _fast(dtype: torch.dtype, lift: float = fast_ns.NOISE_LIFT, cut: float = fast_ns.NOISE_CUT) -> Candidate:
     def run(x: torch.Tensor, power: float) -> torch.Tensor:
-        rtol = default_rtol(torch.bfloat16, x.shape)
+        rtol = _data_rtol(x, dtype)
         plan = fast_ns.plan_for(power, rtol, x.size(-1), lift, cut)
         return fast_ns.run_plan(x, plan, rtol.fro, dtype, lift)
 
@@ -103,7 +113,7 @@ def _fast(dtype: torch.dtype, lift: float = fast_ns.NOISE_LIFT, cut: float = fas
 def _fast_f1e2(x: torch.Tensor, power: float) -> torch.Tensor:
     """fast_ns with its final multiplier f fitted to 1e-2 instead of F_TARGET (2-4 fewer (n, n)
     products)."""
-    rtol = default_rtol(torch.bfloat16, x.shape)
+    rtol = _data_rtol(x)
     plan = fast_ns.plan_for(power, rtol, x.size(-1))
     plan = fast_ns.fixed_plan(power, plan.ell, plan.cut, fast_ns._tn.STEP, 1e-2)
     return fast_ns.run_plan(x, plan, rtol.fro, torch.float16)
@@ -111,7 +121,7 @@ def _fast_f1e2(x: torch.Tensor, power: float) -> torch.Tensor:
 
 def _minimax(steps: int, dtype: torch.dtype) -> Candidate:
     def run(x: torch.Tensor, power: float) -> torch.Tensor:
-        rtol = default_rtol(torch.bfloat16, x.shape)
+        rtol = _data_rtol(x, dtype)
         ell = fast_ns.plan_for(power, rtol, x.size(-1)).ell
         plan = fast_ns.minimax_plan(power, ell, steps)
         return fast_ns.run_plan(x, plan, rtol.fro, dtype)
@@ -120,11 +130,11 @@ def _minimax(steps: int, dtype: torch.dtype) -> Candidate:
 
 
 def _log(dtype: torch.dtype = log_ns.DEFAULT_DTYPE, fit_target: Optional[float] = None) -> Candidate:
-    """log_ns on bf16 data's noise cutoff; ``fit_target`` overrides its FIT_TARGET (a looser fit
+    """log_ns on the data's cutoff as registered (:func:`_data_rtol`); ``fit_target`` overrides its FIT_TARGET (a looser fit
     picks fewer or faster steps)."""
 
     def run(x: torch.Tensor, power: float) -> torch.Tensor:
-        plan = log_ns.plan_for(power, default_rtol(torch.bfloat16, x.shape), x.size(-2), x.size(-1),
+        plan = log_ns.plan_for(power, _data_rtol(x, dtype), x.size(-2), x.size(-1),
                                log_ns.FIT_TARGET if fit_target is None else fit_target)
         return log_ns.run_plan(x, plan, dtype)
 
@@ -132,7 +142,7 @@ def _log(dtype: torch.dtype = log_ns.DEFAULT_DTYPE, fit_target: Optional[float] 
 
 
 def _tracked(x: torch.Tensor, power: float) -> torch.Tensor:
-    return tracked_ns_power(x, power, default_rtol(torch.bfloat16, x.shape))
+    return tracked_ns_power(x, power, default_rtol(x.dtype, x.shape))
 
 
 def _exact_cut(factor: float) -> Candidate:
@@ -141,7 +151,7 @@ def _exact_cut(factor: float) -> Candidate:
     soft cuts above, not a candidate; priced as ``eigh`` in gpu_cost.py)."""
 
     def run(x: torch.Tensor, power: float) -> torch.Tensor:
-        c = default_rtol(torch.bfloat16, x.shape)
+        c = default_rtol(x.dtype, x.shape)
         return torch.stack([reference(a, power, Cutoff(c.rel * factor, c.fro * factor))[0] for a in x])
 
     return run
@@ -194,9 +204,10 @@ class _Flops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def priced_units(fn: Candidate, m: int, n: int, power: float) -> float:
-    """Priced cost in 16-bit-FLOP units (fp32 products count FP32_SLOWDOWN x), run on meta."""
-    x = torch.empty(1, m, n, device="meta", dtype=torch.bfloat16)
+def priced_units(fn: Candidate, m: int, n: int, power: float, data: torch.dtype = torch.bfloat16) -> float:
+    """Priced cost in 16-bit-FLOP units (fp32 products count FP32_SLOWDOWN x), run on meta
+    with input dtype ``data`` (its noise cutoff sets the fast methods' plans)."""
+    x = torch.empty(1, m, n, device="meta", dtype=data)
     with _Flops() as counter:
         fn(x, power)
     total = 0.0
@@ -216,7 +227,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--powers", default="0.0625,0.125,0.25")
     ap.add_argument("--candidates", default=";".join(CANDIDATES), help="names separated by ;")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--data-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the dtype the (bf16-rounded) test matrices are held in: bfloat16 (bf16 momentum, "
+                         "bf16's noise cutoff; default) or float32 (fp32 momentum: the reference keeps fp32's "
+                         "cutoff, the fast methods raise theirs to fp16's)")
     args = ap.parse_args(argv)
+    data = getattr(torch, args.data_dtype)
     names = [c for c in args.candidates.split(";") if c]
     for c in names:
         if c not in CANDIDATES:
@@ -224,11 +240,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     powers = [float(v) for v in args.powers.split(",")]
     print(f"fast Σ^p frontier, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); "
           "priced/NS5 is PRICED (16-bit products at NS5's rate, fp32 2.6x), err/gap is MEASURED "
-          "(CPU emulation of the GPU dtypes); target err/gap <= 0.25 on the first four spectra")
+          f"(CPU emulation of the GPU dtypes); target err/gap <= 0.25 on the first four spectra; "
+          f"data held in {args.data_dtype}")
     header = f"{'candidate':<26}{'priced/NS5':>11}" + "".join(f"{k[:12]:>13}" for k in SPECTRA) + f"{'worst4':>9}"
     worst: dict[str, float] = defaultdict(float)
     for m, n in (_shape(s) for s in args.shapes.split(",")):
-        mats = {k: make_spectrum_matrix(k, m, n, args.seed) for k in SPECTRA}
+        mats = {k: make_spectrum_matrix(k, m, n, args.seed).to(data) for k in SPECTRA}
         for power in powers:
             print(f"\n({m}, {n}), p = {power:g}")
             print(header)
@@ -237,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 t0 = time.perf_counter()
                 fn = CANDIDATES[c]
                 cost = (float("nan") if c.startswith(EXACT)
-                        else priced_units(fn, m, n, power) / priced_units(_ns5, m, n, power))
+                        else priced_units(fn, m, n, power, data) / priced_units(_ns5, m, n, power, data))
                 ratios = []
                 for k in SPECTRA:
                     y = fn(mats[k].unsqueeze(0), power)[0]

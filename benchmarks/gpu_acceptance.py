@@ -10,9 +10,10 @@ or timed-out section is recorded with its output tail and the next one runs):
    Polar Express, eigh (and tracked_ns) at issue 19's five shapes: measured time, ratio to NS5, the
    priced time of benchmarks/gpu_cost.py beside it, err/gap against float64 on a bf16 input;
 2. env: torch, CUDA, NCCL, driver, GPUs;
-3. spectral: ``benchmarks/spectral.py --device cuda`` on 60M/1B/7B shapes, every method: time,
-   ratio to bf16 NS5, err/bar; also the measured auto table for this GPU (``auto_table.json``
-   in the report folder: copy it over htmuon_dist/spectral/auto_table.json to ship it);
+3. spectral: ``benchmarks/spectral.py --device cuda`` on 60M/1B/7B shapes, bf16 input (the
+   momentum a bf16 wire delivers) at p = 1/16 and 1/8, every method: time, ratio to bf16 NS5,
+   err/bar; also the measured auto table for this GPU (``auto_table.json`` in the report folder,
+   one entry per shape and power: copy it over htmuon_dist/spectral/auto_table.json to ship it);
 4. memory: ``benchmarks/memory.py --layers 7b --world 1 --device cuda`` (measured
    ``max_memory_allocated`` against the formula);
 5. trainer: a bf16 run of ``launch/train.py`` (FSDP2 config; 2 processes where 2 GPUs exist)
@@ -41,7 +42,8 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-KEY_SHAPES = [(2048, 5461), (5461, 2048), (4096, 11008)]
+# issue 19's five shapes: LLaMA-1B's MLP (both orientations) and square attention, 7B's MLP and square
+KEY_SHAPES = [(2048, 5461), (5461, 2048), (2048, 2048), (4096, 11008), (4096, 4096)]
 
 
 @dataclass
@@ -92,8 +94,9 @@ def plan(out: Path, gpus: int, quick: bool, work: Optional[Path] = None) -> list
                 [[py, "benchmarks/fast_ns_timing.py", "--device", "cuda", "--repeat", "3",
                   "--json", str(out / "fast_ns.json")]], 120),
         Section("env", "torch, CUDA, NCCL, driver, GPUs", [[py, __file__, "--env-only"]], 60),
-        Section("spectral", "Σ^p methods on 60M/1B/7B shapes: time, ratio to bf16 NS5, err/bar",
-                [[py, "benchmarks/spectral.py", "--device", "cuda", "--shapes", shapes, "--repeat", "3",
+        Section("spectral", "Σ^p methods on 60M/1B/7B shapes, bf16 input, p = 1/16 and 1/8: time, ratio to bf16 NS5, err/bar",
+                [[py, "benchmarks/spectral.py", "--device", "cuda", "--dtype", "bfloat16", "--powers", "0.0625,0.125",
+                  "--shapes", shapes, "--repeat", "3",
                   "--methods", "svd,eigh,gram32,gram_rr,tracked_ns,fast_ns,log_ns,auto", "--json", str(out / "spectral.json"),
                   "--write-table", str(out / "auto_table.json")]], 210),
         Section("memory", "memory contract on a 7B layer set: max_memory_allocated vs the formula",
@@ -225,23 +228,26 @@ def markdown(sections: list[Section], args: argparse.Namespace, total_s: float) 
         lines += ["", "## Σ^p per matrix (spectral.py)", "",
                   "Time per matrix (best of 3 after a warm-up), ratio to bf16 NS5 timed in the same run, err/bar "
                   "(<= 1 meets the HTMuon bar; NS5's row is rescaled Muon).", "",
-                  "| shape | method | time (ms) | × NS5 | err/bar |", "|---|---|---|---|---|"]
+                  "| shape | p | method | time (ms) | × NS5 | err/bar |", "|---|---|---|---|---|---|"]
         for r in rows:
             name = r["method"] + (f" → {r['resolved']}" if r["method"] == "auto" else "")
             extra = f" (ill-conditioned: {r['time_s_fallback'] * 1e3:.2f} ms)" if "time_s_fallback" in r else ""
-            lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {name} | {r['time_s'] * 1e3:.2f}{extra} | "
-                         f"{r.get('ratio_to_ns5', float('nan')):.2f} | {r['err_over_bar']:.2e} |")
+            lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r.get('power', 0.125):g} | {name} | "
+                         f"{r['time_s'] * 1e3:.2f}{extra} | {r.get('ratio_to_ns5', float('nan')):.2f} | "
+                         f"{r['err_over_bar']:.2e} |")
         lines += ["", "Key ratios (HTMuon Σ^p / bf16 NS5):", ""]
         for shape in KEY_SHAPES:
-            here = [r for r in rows if tuple(r["shape"]) == shape and r["method"] != "ns5" and r["err_over_bar"] <= 1]
-            if here:
-                best = min(here, key=lambda r: r["time_s"])
-                eigh = next((r for r in here if r["method"] == "eigh"), None)
-                lines.append(f"- {shape[0]}×{shape[1]}: fastest within the bar {best['method']} "
-                             f"{best.get('ratio_to_ns5', float('nan')):.2f}× NS5"
-                             + (f"; eigh {eigh.get('ratio_to_ns5', float('nan')):.2f}×" if eigh else ""))
-            else:
-                lines.append(f"- {shape[0]}×{shape[1]}: not measured")
+            for power in sorted({r.get("power", 0.125) for r in rows}):
+                here = [r for r in rows if tuple(r["shape"]) == shape and r.get("power", 0.125) == power
+                        and r["method"] != "ns5" and r["err_over_bar"] <= 1]
+                if here:
+                    best = min(here, key=lambda r: r["time_s"])
+                    eigh = next((r for r in here if r["method"] == "eigh"), None)
+                    lines.append(f"- {shape[0]}×{shape[1]}, p = {power:g}: fastest within the bar {best['method']} "
+                                 f"{best.get('ratio_to_ns5', float('nan')):.2f}× NS5"
+                                 + (f"; eigh {eigh.get('ratio_to_ns5', float('nan')):.2f}×" if eigh else ""))
+                else:
+                    lines.append(f"- {shape[0]}×{shape[1]}, p = {power:g}: not measured")
     mem = next((s.result.get("data") for s in sections if s.name == "memory"), None)
     if mem and mem.get("rows"):
         lines += ["", "## Memory contract (memory.py)", "", "| case | peak (GiB) | bound (GiB) | ok |", "|---|---|---|---|"]

@@ -14,9 +14,13 @@ The input is a Gaussian matrix (a momentum-like, well-spread spectrum) in ``--dt
 1e-3), where it redoes the matrix in float64: ``time_s_fallback``.
 
     python benchmarks/spectral.py --device cuda --write-table   # measure, update auto's table
+    python benchmarks/spectral.py --device cuda --dtype bfloat16 --powers 0.0625,0.125,0.25 --write-table
 
 ``--write-table [PATH]`` merges this device's rows into the table ``method="auto"`` reads
-(default: the package's htmuon_dist/spectral/auto_table.json; other devices' entries are kept).
+(default: the package's htmuon_dist/spectral/auto_table.json; other devices' entries, and this
+device's entries at other shapes or powers, are kept). Each entry records its power: auto reads a
+method's run at the largest measured power <= p (a method that met the bar at some p meets it at
+larger ones, not smaller), and the rule where nothing was measured at or below p.
 """
 
 from __future__ import annotations
@@ -72,16 +76,20 @@ def best_time(fn: Callable[[], torch.Tensor], device: torch.device, repeat: int)
     return best
 
 
-def reference(x: torch.Tensor, power: float, rtol: float, use_svd: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, P) in float64 for a (m, n) matrix: HTMuon's update and the polar factor."""
+def reference(x: torch.Tensor, powers: list[float], rtol: float,
+              use_svd: bool) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
+    """({p: R_p}, P) in float64 for a (m, n) matrix: HTMuon's update at each power and the polar
+    factor."""
     xb = x.unsqueeze(0)
     wide = xb.size(-2) < xb.size(-1)
     xt = xb.mT if wide else xb
     fn = svd_power if use_svd else eigh_power
-    r, p = fn(xt, power, rtol), fn(xt, 0.0, rtol)
-    if wide:
-        r, p = r.mT, p.mT
-    return r[0], p[0]
+
+    def one(power: float) -> torch.Tensor:
+        out = fn(xt, power, rtol)
+        return (out.mT if wide else out)[0]
+
+    return {power: one(power) for power in powers}, one(0.0)
 
 
 def _ill_conditioned(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +112,7 @@ def rel_err_and_bar(y: torch.Tensor, r: torch.Tensor, p: torch.Tensor, rescale: 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    power = args.power
+    powers = args.powers
     rows: list[dict] = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     chosen = args.methods or ",".join(METHODS + (GPU_METHODS if device.type == "cuda" else []))
@@ -114,45 +122,62 @@ def run(args: argparse.Namespace) -> list[dict]:
             rtol = default_rtol(dtype, (m, n))
             big = max(m, n) * min(m, n) ** 2 > 4096 * 4096 * 4096
             use_svd_ref = not (big and not args.svd_7b)
-            r, p = reference(x, power, rtol, use_svd_ref)
+            refs, p = reference(x, powers, rtol, use_svd_ref)
             methods = ["svd", "eigh", "ns5"] if group == "foundation" else chosen.split(",")
             if "ns5" not in methods:
                 methods = ["ns5"] + methods  # every ratio is to NS5 timed in the same run
-            times: dict[str, float] = {}
-            for name in methods:
-                if name == "svd" and big and not args.svd_7b:
-                    continue
-                if name == "ns5":
-                    fn = lambda: newton_schulz5(x)  # noqa: E731  (bf16 on CUDA, fp32 on CPU)
-                    pw = 0.0
-                elif name in POLAR:
-                    fn = lambda name=name: spectral_power(x, 0.0, method=name)  # noqa: E731
-                    pw = 0.0
-                else:
-                    fn = lambda name=name: spectral_power(x, power, method=name)  # noqa: E731
-                    pw = power
-                t = best_time(fn, device, args.repeat)
-                times[name] = t
-                y = fn()
-                err, bar = rel_err_and_bar(y, r, p, rescale=(pw == 0.0))
-                row = {
-                    "shape": [m, n], "group": group, "method": name,
-                    "resolved": auto_choice(device.type, max(m, n), min(m, n), power=pw) if name == "auto" else name,
-                    "time_s": t, "err": err, "bar": bar, "err_over_bar": err / bar,
-                    "reference": "svd" if use_svd_ref else "eigh",
-                }
-                if name == "gram32":
-                    row["time_s_fallback"] = best_time(
-                        lambda: spectral_power(_ill_conditioned(x), power, method=name), device, args.repeat)
-                rows.append(row)
-                del y
-            for row in rows:
-                if row["shape"] == [m, n] and "ns5" in times:
-                    row["ratio_to_ns5"] = row["time_s"] / times["ns5"]
-            _print_shape(rows, m, n, device)
-            if args.json:  # after every shape, so a run cut short still leaves its rows
-                _write_json(args, rows)
+            for power in powers:
+                r = refs[power]
+                first = len(rows)
+                for name in methods:
+                    if name == "svd" and big and not args.svd_7b:
+                        continue
+                    row = _measure(name, x, power, r, p, args.repeat)
+                    rows.append(dict(row, shape=[m, n], group=group, reference="svd" if use_svd_ref else "eigh"))
+                times = {row["method"]: row["time_s"] for row in rows[first:]}
+                for row in rows[first:]:
+                    if "ns5" in times:
+                        row["ratio_to_ns5"] = row["time_s"] / times["ns5"]
+                _print_rows(rows[first:], m, n, power)
+                if args.json:  # after every shape, so a run cut short still leaves its rows
+                    _write_json(args, rows)
     return rows
+
+
+def _measure(name: str, x: torch.Tensor, power: float, r: torch.Tensor, p: torch.Tensor, repeat: int) -> dict:
+    """One method on x: its time (best of ``repeat``) and err/bar against ``r`` (HTMuon at
+    ``power``) and ``p`` (the polar factor). Muon's methods run at power 0, compared after the
+    best rescale."""
+    device = x.device
+    if name == "ns5":
+        fn = lambda: newton_schulz5(x)  # noqa: E731  (bf16 on CUDA, fp32 on CPU)
+    elif name in POLAR:
+        fn = lambda: spectral_power(x, 0.0, method=name)  # noqa: E731
+    else:
+        fn = lambda: spectral_power(x, power, method=name)  # noqa: E731
+    ran_at = 0.0 if name == "ns5" or name in POLAR else power
+    t = best_time(fn, device, repeat)
+    err, bar = rel_err_and_bar(fn(), r, p, rescale=(ran_at == 0.0))
+    m, n = x.shape
+    row = {"method": name, "power": power, "time_s": t, "err": err, "bar": bar, "err_over_bar": err / bar,
+           "resolved": auto_choice(device.type, max(m, n), min(m, n), power=ran_at) if name == "auto" else name}
+    if name == "gram32":
+        row["time_s_fallback"] = best_time(
+            lambda: spectral_power(_ill_conditioned(x), power, method=name), device, repeat)
+    return row
+
+
+def _powers(text: Optional[str], default: float) -> list[float]:
+    """--powers as floats (--power where it is not given); each must be in [0, 1]."""
+    if text is None:
+        return [default]
+    try:
+        powers = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--powers must be a comma list of numbers in [0, 1], got {text!r}") from None
+    if not powers or any(not 0.0 <= p <= 1.0 for p in powers):
+        raise ValueError(f"--powers must be a comma list of numbers in [0, 1], got {text!r}")
+    return sorted(set(powers))
 
 
 def _device_name(device: torch.device) -> str:
@@ -165,13 +190,13 @@ def _write_json(args: argparse.Namespace, rows: list[dict]) -> None:
                                            "rows": rows}, indent=1))
 
 
-def _print_shape(rows: list[dict], m: int, n: int, device: torch.device) -> None:
+def _print_rows(rows: list[dict], m: int, n: int, power: float) -> None:
+    """One shape's rows at one power (the ``p`` column: the power the row's method ran at)."""
     for row in rows:
-        if row["shape"] != [m, n]:
-            continue
         name = row["method"] + (f" ({row['resolved']})" if row["method"] == "auto" else "")
+        ran_at = 0.0 if row["method"] in POLAR else power
         print(
-            f"{m:>6}x{n:<6} {name:<16} {row['time_s'] * 1e3:>10.2f} ms "
+            f"{m:>6}x{n:<6} {ran_at:>6g} {name:<16} {row['time_s'] * 1e3:>10.2f} ms "
             f"{row.get('ratio_to_ns5', float('nan')):>7.2f}x ns5   "
             f"err {row['err']:.2e}  err/bar {row['err_over_bar']:.2e}"
             + (f"  ill-conditioned {row['time_s_fallback'] * 1e3:.2f} ms" if "time_s_fallback" in row else ""),
@@ -190,7 +215,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--methods", default=None,
                     help=f"comma list of methods to time (default {','.join(METHODS)}, and on CUDA also "
                          f"{','.join(GPU_METHODS)}; ns5 always runs)")
-    ap.add_argument("--power", type=float, default=0.125)
+    ap.add_argument("--power", type=float, default=0.125, help="HTMuon's p (default 0.125)")
+    ap.add_argument("--powers", default=None,
+                    help="comma list of powers to measure each shape at (overrides --power), e.g. "
+                         "0.0625,0.125,0.25; --write-table records each run's power, and auto reads "
+                         "a method's run at the largest measured power <= p")
     ap.add_argument("--svd-7b", action="store_true", help="also time svd (and use it as the reference) on 7B shapes")
     ap.add_argument("--json", default=None, help="write all rows to this file")
     ap.add_argument("--write-table", nargs="?", const=str(auto_table.TABLE_PATH), default=None,
@@ -201,6 +230,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "script instead of measuring (its device must be this one)")
     ap.add_argument("--allow-cpu", action="store_true", help="--device cuda without a GPU runs on the CPU")
     args = ap.parse_args(argv)
+    try:
+        args.powers = _powers(args.powers, args.power)
+    except ValueError as e:
+        ap.error(str(e))
     if args.shapes is None:
         args.shapes = "60m,1b,7b" if args.device.startswith("cuda") else "60m,1b,foundation"
     from htmuon_dist.training.preflight import NoGPUError, require_cuda
@@ -211,15 +244,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"spectral.py: error: {e}") from None
     dev = torch.device(args.device)
     name = _device_name(dev)
-    print(f"device {name}, torch {torch.__version__}, input {args.dtype}, p = {args.power}, "
+    print(f"device {name}, torch {torch.__version__}, input {args.dtype}, "
+          f"p = {', '.join(f'{p:g}' for p in args.powers)}, "
           f"threads {torch.get_num_threads()}, best of {args.repeat}", flush=True)
-    print(f"{'shape':>13} {'method':<16} {'time/matrix':>13} {'ratio':>8}", flush=True)
+    print(f"{'shape':>13} {'p':>6} {'method':<16} {'time/matrix':>13} {'ratio':>8}", flush=True)
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())
         if saved.get("device") != name:
             raise SystemExit(f"spectral.py: error: --table-from {args.table_from} was measured on "
                              f"{saved.get('device')!r}, this is {name!r}")
-        rows = saved["rows"]
+        rows = [{"power": saved["args"].get("power", auto_table.LEGACY_POWER), **row} for row in saved["rows"]]
         args.shapes = f"{saved['args']['shapes']} (from {args.table_from})"
         args.repeat = saved["args"].get("repeat", args.repeat)
     else:
@@ -227,13 +261,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.write_table:
         path = Path(args.write_table)
         key = auto_table.device_key(dev.type, dev.index)
-        source = f"benchmarks/spectral.py --device {args.device} --shapes {args.shapes} --repeat {args.repeat}"
+        source = (f"benchmarks/spectral.py --device {args.device} --dtype {args.dtype} --shapes {args.shapes} "
+                  f"--powers {','.join(f'{p:g}' for p in args.powers)} --repeat {args.repeat}")
         table = auto_table.merge_measurements(auto_table.load_table(path), key, rows, source)
         path.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"wrote {len(table['devices'][key]['entries'])} shapes for {key!r} to {path}")
+        print(f"wrote {len(table['devices'][key]['entries'])} entries (shape, power) for {key!r} to {path}")
         auto_table._load.cache_clear()
-        for m, n in sorted({tuple(r["shape"]) for r in rows}):
-            print(f"  auto at {m}x{n}: {auto_table.choose(key, m, n, table)}")
+        for m, n in sorted({(max(r["shape"]), min(r["shape"])) for r in rows}):
+            for power in sorted({r["power"] for r in rows}):
+                print(f"  auto at {m}x{n}, p = {power:g}: {auto_table.choose(key, m, n, table, power=power)}")
 
 
 if __name__ == "__main__":

@@ -96,11 +96,67 @@ def test_merge_measurements_round_trip():
         {"shape": [2048, 5461], "method": "auto", "time_s": 2.0, "err_over_bar": 1e-6},
     ]
     table = auto_table.merge_measurements(SYNTH, "cpu", rows, "test")
-    (entry,) = table["devices"]["cpu"]["entries"]
-    assert entry["shape"] == [5461, 2048] and set(entry["methods"]) == {"eigh", "gram32"}
+    small, entry = table["devices"]["cpu"]["entries"]
+    # rows without a power count as LEGACY_POWER: they replace that run at 5461 x 2048 only
+    assert entry["shape"] == [5461, 2048] and entry["power"] == auto_table.LEGACY_POWER
+    assert set(entry["methods"]) == {"eigh", "gram32"} and entry["source"] == "test"
     assert entry["methods"]["eigh"] == {"time_s": 2.4, "err_over_bar": 2e-6}  # the slower orientation
+    assert small["shape"] == [512, 512] and small["methods"] == SYNTH["devices"]["cpu"]["entries"][0]["methods"]
+    assert small["source"] == "unknown"  # an older run's entry keeps (the lack of) its provenance
     assert "Fake GPU" in table["devices"]  # other devices kept
     assert auto_table.choose("cpu", 2048, 5461, table)[0] == "eigh"
+
+
+def _run(shape, power, **methods):
+    return {"shape": list(shape), "power": power,
+            "methods": {k: {"time_s": t, "err_over_bar": e} for k, (t, e) in methods.items()}}
+
+
+def test_choice_reads_the_run_at_the_largest_measured_power_at_or_below_p():
+    # log_ns met the bar at p = 1/8 on a square shape, missed at 1/16 (as measured on CPUs);
+    # the table must not hand it a power it was never shown to meet
+    table = _table(**{"Fake GPU": [
+        _run((2048, 2048), 0.125, eigh=(0.030, 1e-6), log_ns=(0.005, 0.8)),
+        _run((2048, 2048), 0.0625, eigh=(0.030, 1e-6), log_ns=(0.005, 1.8)),
+        _run((5461, 2048), 0.125, eigh=(0.040, 1e-6), log_ns=(0.006, 0.5)),
+    ]})
+    choose = auto_table.choose
+    assert choose("Fake GPU", 2048, 2048, table, power=0.125)[0] == "log_ns"
+    assert choose("Fake GPU", 2048, 2048, table, power=0.25)[0] == "log_ns"  # read off the 1/8 run
+    assert choose("Fake GPU", 2048, 2048, table, power=0.1)[0] == "eigh"  # the 1/16 run decides
+    assert choose("Fake GPU", 2048, 2048, table, power=0.0625)[0] == "eigh"
+    # power unknown: a method must have met the bar in every run of the shape
+    assert choose("Fake GPU", 2048, 2048, table)[0] == "eigh"
+    # nothing measured at or below p: the rule, whatever the larger powers say
+    name, why = choose("Fake GPU", 5461, 2048, table, rule="eigh", power=0.0625)
+    assert name == "eigh" and "nothing measured at p <= 0.0625" in why
+    assert choose("Fake GPU", 5461, 2048, table, rule="log_ns", power=0.0625)[0] == "log_ns"
+    assert choose("Fake GPU", 5461, 2048, table, power=0.0)[0] == auto_table.RULE_METHOD
+    name, why = choose("Fake GPU", 5461, 2048, table, power=0.5)
+    assert name == "log_ns" and "p = 0.125" in why
+    # an entry without a power (a table written before powers were recorded) counts as 1/8
+    legacy = _table(cpu=[{"shape": [512, 512], "methods": {"gram_rr": {"time_s": 0.01, "err_over_bar": 1e-4}}}])
+    assert choose("cpu", 512, 512, legacy, power=0.125)[0] == "gram_rr"
+    assert choose("cpu", 512, 512, legacy, power=0.0625)[0] == auto_table.RULE_METHOD
+
+
+def test_merge_keeps_other_powers_and_replaces_the_same_one():
+    first = [{"shape": [2048, 2048], "method": "eigh", "power": 0.125, "time_s": 0.03, "err_over_bar": 1e-6},
+             {"shape": [2048, 2048], "method": "log_ns", "power": 0.125, "time_s": 0.005, "err_over_bar": 0.8}]
+    second = [{"shape": [2048, 2048], "method": "eigh", "power": 0.0625, "time_s": 0.03, "err_over_bar": 1e-6},
+              {"shape": [2048, 2048], "method": "log_ns", "power": 0.0625, "time_s": 0.005, "err_over_bar": 1.8}]
+    table = auto_table.merge_measurements({"devices": {}}, "G", first, "run 1")
+    table = auto_table.merge_measurements(table, "G", second, "run 2")
+    runs = table["devices"]["G"]["entries"]
+    assert [(e["power"], e["source"]) for e in runs] == [(0.0625, "run 2"), (0.125, "run 1")]
+    assert auto_table.choose("G", 2048, 2048, table, power=0.125)[0] == "log_ns"
+    assert auto_table.choose("G", 2048, 2048, table, power=0.0625)[0] == "eigh"
+    redo = [dict(first[1], err_over_bar=1.5)]  # a later run at 1/8 replaces that run whole
+    table = auto_table.merge_measurements(table, "G", redo, "run 3")
+    assert [(e["power"], e["source"], sorted(e["methods"])) for e in table["devices"]["G"]["entries"]] == [
+        (0.0625, "run 2", ["eigh", "log_ns"]), (0.125, "run 3", ["log_ns"])]
+    assert auto_table.choose("G", 2048, 2048, table, rule="eigh", power=0.125)[0] == "eigh"
+    assert json.loads(json.dumps(table)) == table  # what --write-table writes reads back the same
 
 
 def test_shipped_table_names_registered_methods():
@@ -108,6 +164,7 @@ def test_shipped_table_names_registered_methods():
     assert table["devices"], "the package ships measurements"
     for key, dev in table["devices"].items():
         for entry in dev["entries"]:
+            assert 0.0 < entry["power"] <= 1.0 and entry["source"], (key, entry["shape"])
             for name in entry["methods"]:
                 assert get_method(name).powers == "any", (key, name)
     for m, n in [(512, 512), (5461, 2048), (11008, 4096)]:
@@ -130,3 +187,30 @@ def test_the_engine_plans_auto_at_each_spec_power():
         engine = ExchangeEngine(shapes, pieces, [SpectralSpec(power, "auto")] * 2, ["a", "b"])
         want = method_cost(square, 64, 64) + method_cost("log_ns", 128, 64)
         assert engine.plan.loads == (want,), (power, engine.plan.loads, want)
+
+
+def test_spectral_benchmark_writes_one_entry_per_shape_and_power(tmp_path):
+    # benchmarks/spectral.py --powers ... --write-table: each row carries its power, and the
+    # table it writes gives auto each power's own run (other devices' entries untouched)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import spectral as bench
+
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(SYNTH))
+    bench.main(["--device", "cpu", "--shapes", "60m", "--methods", "eigh", "--powers", "0.125,0.0625",
+                "--repeat", "1", "--json", str(tmp_path / "rows.json"), "--write-table", str(path)])
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert sorted({(tuple(r["shape"]), r["method"], r["power"]) for r in rows}) == sorted(
+        (shape, name, p) for shape in [(512, 512), (512, 1376), (1376, 512)] for name in ("ns5", "eigh")
+        for p in (0.0625, 0.125))
+    assert all(r["err_over_bar"] <= 1.0 for r in rows if r["method"] == "eigh")
+    table = json.loads(path.read_text())
+    assert table["version"] == 2 and "Fake GPU" in table["devices"]
+    measured = {(tuple(e["shape"]), e["power"]) for e in table["devices"]["cpu"]["entries"]}
+    assert {((512, 512), 0.0625), ((512, 512), 0.125), ((1376, 512), 0.0625), ((1376, 512), 0.125),
+            ((5461, 2048), 0.125)} == measured  # SYNTH's 5461 x 2048 run (no power: 1/8) is kept
+    for p in (0.0625, 0.125):
+        assert auto_table.choose("cpu", 512, 512, table, power=p)[0] == "eigh"

@@ -59,12 +59,24 @@ def test_report_quotes_the_key_ratios():
         rows += [{"shape": list(shape), "method": "ns5", "time_s": 0.004, "ratio_to_ns5": 1.0, "err_over_bar": 6.0},
                  {"shape": list(shape), "method": "eigh", "time_s": 0.030, "ratio_to_ns5": 7.5, "err_over_bar": 1e-6},
                  {"shape": list(shape), "method": "tracked_ns", "time_s": 0.002, "ratio_to_ns5": 0.5, "err_over_bar": 2.0}]
+    # rows of a run at p = 1/16 too (rows without a power are spectral.py's default, 1/8)
+    rows += [{"shape": [2048, 2048], "power": 0.0625, "method": "log_ns", "time_s": 0.008, "ratio_to_ns5": 2.0,
+              "err_over_bar": 1.8},
+             {"shape": [2048, 2048], "power": 0.0625, "method": "eigh", "time_s": 0.030, "ratio_to_ns5": 7.5,
+              "err_over_bar": 1e-6},
+             {"shape": [2048, 2048], "power": 0.125, "method": "log_ns", "time_s": 0.008, "ratio_to_ns5": 2.0,
+              "err_over_bar": 0.8}]
     sec = gpu_acceptance.Section("spectral", "x", [], 1, {"status": "ok", "seconds": 1, "data": {"rows": rows}})
     args = argparse.Namespace(out="o", quick=False)
     md = gpu_acceptance.markdown([sec], args, 10)
     # tracked_ns is faster but fails the bar here, so eigh is quoted
-    assert "- 2048×5461: fastest within the bar eigh 7.50× NS5; eigh 7.50×" in md
-    assert "- 4096×11008: fastest within the bar eigh 7.50× NS5" in md
+    assert "- 2048×5461, p = 0.125: fastest within the bar eigh 7.50× NS5; eigh 7.50×" in md
+    assert "- 4096×11008, p = 0.125: fastest within the bar eigh 7.50× NS5" in md
+    assert "- 4096×11008, p = 0.0625: not measured" in md
+    # each power quotes its own run: log_ns met the bar at 1/8 only
+    assert "- 2048×2048, p = 0.125: fastest within the bar log_ns 2.00× NS5; eigh 7.50×" in md
+    assert "- 2048×2048, p = 0.0625: fastest within the bar eigh 7.50× NS5; eigh 7.50×" in md
+    assert "| 2048×2048 | 0.0625 | log_ns | 8.00 | 2.00 | 1.80e+00 |" in md
 
 
 def test_fast_ns_section_runs_on_the_cpu_and_renders(tmp_path):

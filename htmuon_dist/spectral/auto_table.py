@@ -6,11 +6,17 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
 (m, n), m >= n, on a device:
 
 1. the device's measured shape nearest to (m, n) (distance of ``log m`` and ``log n``) is taken;
-2. among its methods that met the bar in that run (``err/bar <= 1``; Muon's ``ns5`` never
+2. of that shape's runs (one per measured power ``p'``), the one at the largest ``p' <= p`` is
+   read: the bar's gap shrinks with p while a method's error does not (``log_ns`` at 2048^2:
+   err/gap 0.46, 0.19, 0.06 at p = 1/16, 1/8, 1/4), so a method that met the bar at ``p'``
+   meets it at larger powers, not at smaller ones. Nothing measured at or below p: the rule
+   (4.). Without a power (the planner's "p unknown"), every run of the shape counts: a method
+   must have met the bar in all of them and is ranked by its slowest time;
+3. among its methods that met the bar in that run (``err/bar <= 1``; Muon's ``ns5`` never
    does), the one with the smallest time wins. A method with a slower ``time_s_fallback``
    (``gram32`` on an ill-conditioned input, where it redoes the matrix in float64) is ranked by
    that slower time: real momenta are often ill-conditioned.
-3. No measurement for the device (or the table unreadable): the documented rule
+4. No measurement for the device (or the table unreadable): the documented rule
    :func:`rule_method`. On CUDA devices it is ``"log_ns"`` (16-bit products with a soft rank
    cut) where it met the accuracy bar (err/gap <= 0.25 on bf16 data's heavy-tailed, two-bulk,
    Marchenko-Pastur and power-law spectra; benchmarks/fast_ns_frontier.py, docs/spectral.md
@@ -30,7 +36,11 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
    near-fastest on every CPU measured (0.6-1.7x NS5). A measured table entry for the device
    overrides the rule.
 
-Lookups use host metadata only (device name, shape): no sync. The chosen method may sync
+Entries record the power they were measured at (``benchmarks/spectral.py --powers``); entries
+of tables written before powers were recorded count as measured at :data:`LEGACY_POWER`, that
+script's default then and now.
+
+Lookups use host metadata only (device name, shape, power): no sync. The chosen method may sync
 (``gram32`` syncs once per call to decide its float64 fallback); the others do not.
 """
 
@@ -54,6 +64,8 @@ FAST_MIN_ASPECT = 2.0
 MIN_POWER, SQUARE_MIN_POWER = 1.0 / 16.0, 1.0 / 8.0
 # Methods auto may pick: HTMuon-capable (any p), with a rank cutoff, meeting the bar when measured.
 CANDIDATES = ("eigh", "svd", "gram32", "gram_rr", "tracked_ns", "fast_ns", "log_ns")
+# the power of an entry without one (module docstring)
+LEGACY_POWER = 0.125
 
 Table = dict[str, Any]
 
@@ -101,38 +113,68 @@ def _shape_distance(entry: dict, m: int, n: int) -> float:
     return abs(math.log(em / m)) + abs(math.log(en / n))
 
 
+def entry_power(entry: dict) -> float:
+    """The power an entry was measured at (:data:`LEGACY_POWER` where it has none)."""
+    return float(entry.get("power", LEGACY_POWER))
+
+
+def _runs_for(entries: list[dict], m: int, n: int, power: Optional[float]) -> tuple[list[dict], tuple[int, int]]:
+    """(the runs that decide, the nearest measured shape): the largest measured power <= power,
+    or every run of the shape where power is None (module docstring, 1.-2.)."""
+    nearest = min(entries, key=lambda e: _shape_distance(e, m, n))
+    shape = (max(nearest["shape"]), min(nearest["shape"]))
+    runs = [e for e in entries if (max(e["shape"]), min(e["shape"])) == shape]
+    if power is None:
+        return runs, shape
+    below = [e for e in runs if entry_power(e) <= power + 1e-12]
+    if not below:
+        return [], shape
+    top = max(entry_power(e) for e in below)
+    return [e for e in below if entry_power(e) == top], shape
+
+
 def choose(
-    key: str, m: int, n: int, table: Optional[Table] = None, rule: str = RULE_METHOD
+    key: str, m: int, n: int, table: Optional[Table] = None, rule: str = RULE_METHOD,
+    power: Optional[float] = None,
 ) -> tuple[str, str]:
-    """(method, why) for one (m, n) matrix (either orientation) on the device ``key``; ``rule``
-    where the table has nothing for it (``rule_method(device_type)``)."""
+    """(method, why) for one (m, n) matrix (either orientation) at ``power`` on the device
+    ``key``; ``rule`` where the table has nothing for it (``rule_method(device_type, m, n,
+    power)``). ``power=None``: a method must have met the bar at every measured power."""
     m, n = max(m, n), min(m, n)
     table = load_table() if table is None else table
     entries = table.get("devices", {}).get(key, {}).get("entries", [])
     if not entries or m < 1 or n < 1:
         return rule, f"rule: no measurements for {key!r}"
-    nearest = min(entries, key=lambda e: _shape_distance(e, m, n))
+    runs, shape = _runs_for(entries, m, n, power)
+    if not runs:
+        return rule, f"rule: nothing measured at p <= {power:g} at {shape} on {key!r}"
     best: Optional[tuple[float, str]] = None
-    for name, row in nearest.get("methods", {}).items():
-        if name not in CANDIDATES or not row.get("err_over_bar", math.inf) <= 1.0:
+    for name in sorted(set.intersection(*(set(e.get("methods", {})) for e in runs))):
+        rows = [e["methods"][name] for e in runs]
+        if name not in CANDIDATES or not all(r.get("err_over_bar", math.inf) <= 1.0 for r in rows):
             continue
-        t = max(row.get("time_s", math.inf), row.get("time_s_fallback", 0.0))
+        t = max(max(r.get("time_s", math.inf), r.get("time_s_fallback", 0.0)) for r in rows)
         if best is None or (t, name) < best:
             best = (t, name)
+    powers = "/".join(f"{p:g}" for p in sorted({entry_power(e) for e in runs}))
     if best is None:
-        return rule, f"rule: no method met the bar at {tuple(nearest['shape'])} on {key!r}"
-    return best[1], f"measured at {tuple(nearest['shape'])} on {key!r}: {best[0] * 1e3:.3g} ms"
+        return rule, f"rule: no method met the bar at {shape}, p = {powers} on {key!r}"
+    return best[1], f"measured at {shape}, p = {powers} on {key!r}: {best[0] * 1e3:.3g} ms"
 
 
 def merge_measurements(table: Table, key: str, rows: list[dict], source: str) -> Table:
-    """``table`` with device ``key``'s entries replaced by benchmarks/spectral.py ``rows``
-    (dicts with shape, method, time_s, err_over_bar and, for gram32, time_s_fallback)."""
-    entries: dict[tuple[int, int], dict] = {}
+    """``table`` with device ``key``'s runs at the (shape, power) pairs of ``rows`` replaced by
+    them; its runs at other shapes or powers are kept. ``rows``: benchmarks/spectral.py's dicts
+    (shape, method, time_s, err_over_bar, power; gram32 also time_s_fallback; a row without a
+    power counts as :data:`LEGACY_POWER`)."""
+    entries: dict[tuple[int, int, float], dict] = {}
     for row in rows:
         if row["method"] not in CANDIDATES:
             continue
         m, n = max(row["shape"]), min(row["shape"])
-        entry = entries.setdefault((m, n), {"shape": [m, n], "methods": {}})
+        power = float(row.get("power", LEGACY_POWER))
+        entry = entries.setdefault((m, n, power), {"shape": [m, n], "power": power, "source": source,
+                                                   "methods": {}})
         kept = {k: row[k] for k in ("time_s", "time_s_fallback", "err_over_bar") if k in row}
         old = entry["methods"].get(row["method"])
         # both orientations of a shape land here: keep the slower time, the larger error
@@ -142,7 +184,12 @@ def merge_measurements(table: Table, key: str, rows: list[dict], source: str) ->
             if "time_s_fallback" in old:
                 kept["time_s_fallback"] = max(kept.get("time_s_fallback", 0.0), old["time_s_fallback"])
         entry["methods"][row["method"]] = kept
-    out = {"version": 1, "devices": dict(table.get("devices", {}))}
+    device = table.get("devices", {}).get(key, {})
+    for old in device.get("entries", []):
+        slot = (max(old["shape"]), min(old["shape"]), entry_power(old))
+        if slot not in entries:  # an older run's provenance stays with its entries
+            entries[slot] = {"source": device.get("source", "unknown"), **old, "power": entry_power(old)}
+    out = {"version": 2, "devices": dict(table.get("devices", {}))}
     out["devices"][key] = {"source": source, "torch": torch.__version__,
-                           "entries": sorted(entries.values(), key=lambda e: e["shape"])}
+                           "entries": sorted(entries.values(), key=lambda e: (e["shape"], e["power"]))}
     return out

@@ -76,12 +76,13 @@ def gram_rr_cost(m: int, n: int) -> float:
 def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None,
                 power: Optional[float] = None) -> str:
     """Method name ``"auto"`` uses for one (m, n) matrix on ``device_type`` (device ``index``)
-    at ``power``: the fastest that met the bar in the measured table (:mod:`.auto_table`), else
+    at ``power``: the fastest that met the bar in the measured table (:mod:`.auto_table`; at the
+    largest measured power <= ``power``), else
     the documented rule (on CUDA ``log_ns`` for m/n >= 2, and near square for p >= 1/8;
     ``eigh`` elsewhere: :func:`.auto_table.rule_method`). Without a power, the choice for p
     unknown (near square: ``eigh``)."""
     key = auto_table.device_key(device_type, index)
-    return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type, m, n, power))[0]
+    return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type, m, n, power), power=power)[0]
 
 
 def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:

@@ -96,6 +96,13 @@ class TrainArguments:
     power: Optional[float] = field(default=None, metadata={"help": "HTMuon p (default 0.125; muon forces 0)"})
     spectral_method: Optional[str] = field(default=None, metadata={"help": "eigh (exact, default for htmuon) | svd | tracked_ns | fast_ns (fp16/bf16 products, for GPUs, priced 1.9-2.6x NS5) | log_ns (fp16/bf16 products with a soft rank cut, priced 1.16-1.18x NS5 on tall matrices and 2.00-2.13x near square; what auto runs on CUDA where it met the bar: m/n >= 2, and near square for power >= 1/8) | gram_rr | gram32 | auto | ns5 (muon) | polar_express (muon: Polar Express, NS5 cost) | ns_roots | ht | stream; with htnormuon, NorMuon on any of them; see htmuon_dist.available_methods()"})
     interval: Optional[int] = field(default=None, metadata={"help": "htmuon_interval: exact step every k-th step (default 5)"})
+    comm_dtype: str = field(
+        default="none",
+        metadata={"help": "HTMuon's exchange (wire) dtype and that of the owners' whole matrices: none (the momentum's own, "
+                          "fp32 under --param_dtype fp32) | bf16 (half the traffic and owner memory; the spectral methods "
+                          "see bf16 momentum and its noise cutoff: the regime log_ns/auto on GPUs is priced and measured in, "
+                          "docs/spectral.md) | fp32"},
+    )
     param_convention: str = field(
         default="reference", metadata={"help": "reference (every >=2-D weight incl. embedding/head to HTMuon) | muon (embedding/head to AdamW)"}
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -88,6 +89,10 @@ _HTMUON_FAMILY = {
 }
 
 
+# --comm_dtype -> HTMuon's comm_dtype (None: the momentum's own dtype)
+COMM_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def htmuon_kwargs(t: TrainArguments) -> dict:
     """Keyword arguments of :class:`htmuon_dist.HTMuon` for a resolved ``t`` (pure function).
 
@@ -108,6 +113,7 @@ def htmuon_kwargs(t: TrainArguments) -> dict:
         # logging steps stay free of host syncs, and a raise or the patience stops the run at
         # the next logging step
         check_every=max(1, int(t.logging_steps)),
+        comm_dtype=COMM_DTYPES[t.comm_dtype],
     )
     if normuon:
         kwargs.update(normuon=True, normuon_beta2=t.normuon_beta2)

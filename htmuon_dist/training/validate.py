@@ -88,6 +88,7 @@ def _finite(x: float) -> bool:
 def check_ranges(cfg) -> None:
     """Numeric ranges and choices of a resolved config (no ``None`` hyperparameters left)."""
     from .checkpoint import VERIFY_MODES
+    from .optim import COMM_DTYPES
     from .preemption import parse_signals
 
     t, d = cfg.train, cfg.data
@@ -105,6 +106,9 @@ def check_ranges(cfg) -> None:
         _need(t.spectral_method in methods, f"--spectral_method {t.spectral_method!r} is not one of {methods}; eigh is the exact default")
         _need(not (t.spectral_method == "ns5" and t.power != 0),
               f"--spectral_method ns5 computes Muon (power 0) only, got --power {t.power}; use eigh, svd, tracked_ns, fast_ns or log_ns for HTMuon")
+    _need(t.comm_dtype in COMM_DTYPES, f"--comm_dtype must be one of {', '.join(COMM_DTYPES)}, got {t.comm_dtype!r}")
+    _need(t.comm_dtype == "none" or t.optimizer != "adamw",
+          f"--comm_dtype {t.comm_dtype} sets HTMuon's exchange dtype; --optimizer adamw has no exchange (drop it)")
     if t.interval is not None:
         _need(t.interval >= 1, f"--interval must be >= 1 (an exact step every k-th step), got {t.interval}")
     _need(t.seed >= 0, f"--seed must be >= 0, got {t.seed}")

@@ -161,3 +161,52 @@ def test_fast_ns_is_accepted_as_spectral_method(optimizer: str) -> None:
     kw = htmuon_kwargs(_resolved("--optimizer", optimizer, "--spectral_method", "fast_ns"))
     assert kw["method"] == "fast_ns" and kw["power"] == 0.125
     assert kw.get("normuon", False) is (optimizer == "htnormuon")
+
+
+def test_comm_dtype_reaches_htmuon_and_bad_values_name_the_choices() -> None:
+    """``--comm_dtype bf16``: HTMuon exchanges (and its spectral methods see) bf16 momentum, the
+    regime log_ns/auto on GPUs is priced in; the default keeps the momentum's own dtype."""
+    from htmuon_dist.training.validate import check_ranges
+
+    assert htmuon_kwargs(_resolved())["comm_dtype"] is None
+    assert htmuon_kwargs(_resolved("--comm_dtype", "bf16"))["comm_dtype"] is torch.bfloat16
+    assert htmuon_kwargs(_resolved("--optimizer", "muon", "--comm_dtype", "fp32"))["comm_dtype"] is torch.float32
+    for argv, needle in ((["--comm_dtype", "fp16"], "--comm_dtype must be one of none, bf16, fp32, got 'fp16'"),
+                         (["--optimizer", "adamw", "--comm_dtype", "bf16"], "adamw has no exchange")):
+        cfg, _ = resolve(parse_args([*BASE, *argv]), world_size=8)
+        with pytest.raises(ConfigError, match=needle):
+            check_ranges(cfg)
+
+
+def test_comm_dtype_bf16_rounds_what_the_owner_sees() -> None:
+    """One process: with --comm_dtype bf16 the step is the exact method on the bf16-rounded
+    momentum with bf16's noise cutoff (to the bf16 rounding of the update, which travels back
+    in the wire dtype too); the default is the fp32 momentum with fp32's cutoff, exactly."""
+    from htmuon_dist import HTMuon
+    from htmuon_dist.spectral import default_rtol, spectral_power
+
+    torch.manual_seed(0)
+    grad = torch.randn(48, 32) * torch.logspace(0, -3, 32)  # singular values down to ~1e-3: cutoffs differ
+    # the first step's Nesterov momentum (htmuon_dist.functional): B = lerp(0, G, 0.05), M = lerp(G, B, 0.95)
+    nest = torch.lerp(grad, torch.lerp(torch.zeros_like(grad), grad, 0.05), 0.95)
+    lr = _resolved().lr
+
+    def want(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        rtol = default_rtol(dtype, (48, 32))
+        return -lr * 1.5 ** 0.5 * spectral_power(data, 0.125, method="eigh", rtol=rtol)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    steps = {}
+    for name in ("none", "bf16"):
+        w = torch.nn.Parameter(torch.zeros(48, 32))
+        opt = HTMuon([{"params": [w], "htmuon": True}], **htmuon_kwargs(_resolved("--comm_dtype", name,
+                                                                                  "--weight_decay", "0")))
+        w.grad = grad.clone()
+        opt.step()
+        steps[name] = w.detach()
+    assert rel(steps["none"], want(nest, torch.float32)) <= 1e-6
+    rounded = nest.to(torch.bfloat16).float()
+    assert rel(steps["bf16"], want(rounded, torch.bfloat16)) <= 4e-3  # measured 1.7e-3
+    assert rel(steps["bf16"], want(nest, torch.float32)) > 0.1  # measured 0.35: the cutoff moved

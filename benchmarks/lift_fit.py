@@ -4,7 +4,7 @@
     python benchmarks/lift_fit.py                  # ~30 s on one CPU core
     python benchmarks/lift_fit.py --floor 2e-4 --steps 6,7,8
 
-It prints three things:
+It prints four things:
 
 1. **monotone lift**: the largest slope at 0 of an odd quintic ``p(s) = a s + b s^3 + c s^5`` with
    ``p' >= 0`` and ``p <= 1`` on [0, 1] (a linear program on a grid): the fastest lift that keeps
@@ -18,6 +18,10 @@ It prints three things:
    exact method's hard cut at the noise cutoff τ replaced by a smoothstep between two multiples
    of τ (1024x1024, bf16-rounded, p = 1/16, 1/8, 1/4): what any method without a hard cut at
    exactly τ gives up there.
+4. **the polar factor's price at the same floor**: Polar Express's band after 5-8 steps from
+   ``--floor`` (3 products per step at square, NS5's) beside the products of ``log_ns``'s square
+   plan at that floor: what an accurate Muon costs there, against an HTMuon that must keep every
+   σ apart to read σ^p off.
 """
 
 from __future__ import annotations
@@ -102,6 +106,23 @@ def soft_cut_table(n: int = 1024, seed: int = 3) -> list[str]:
     return lines
 
 
+def polar_peer(floor: float, counts: list[int]) -> list[str]:
+    """The polar factor's own price at this floor (Polar Express, which folds freely: sign(σ) = 1
+    needs no σ told apart), beside log_ns's square plan (which must keep σ apart to read σ^p)."""
+    lines = [f"square n x n, floor {floor:g} (products of n^3; bf16 NS5 = 15, the 1.5x target = 22.5):"]
+    for j in counts:
+        lo, hi = pe.band(floor, j)
+        lines.append(f"   Polar Express, {j} steps: {3 * j:>3} products ({3 * j / 15:.2f}x NS5), "
+                     f"every σ >= floor ends in [{lo:.4f}, {hi:.4f}]")
+    for power in (1 / 16, 1 / 8, 1 / 4):
+        plan = log_ns.make_plan(power, floor / log_ns.NOISE_LIFT, log_ns.SQUARE_X_STEPS)
+        c = log_ns.plan_products(plan)
+        total = c["mn2"] + c["n3"]
+        lines.append(f"   log_ns at p = {power:g}: {total:>3} products ({total / 15:.2f}x NS5): {len(plan.steps)} X steps, "
+                     f"{len(plan.gram)} Gram steps, exp of degree {plan.taylor} with {plan.squarings} squaring(s)")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--floor", type=float, default=3e-4,
@@ -139,6 +160,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"   {'Polar Express (8x..)':<24}" + "".join(f"{c:>16}" for c in cells))
     if not args.skip_soft_cut:
         print("\n3. " + "\n".join(soft_cut_table()))
+    print("\n4. the polar factor's price at the same floor against log_ns's, " + "\n".join(
+        polar_peer(args.floor, list(range(5, 9)))))
 
 
 if __name__ == "__main__":

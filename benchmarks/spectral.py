@@ -256,6 +256,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows = [{"power": saved["args"].get("power", auto_table.LEGACY_POWER), **row} for row in saved["rows"]]
         args.shapes = f"{saved['args']['shapes']} (from {args.table_from})"
         args.repeat = saved["args"].get("repeat", args.repeat)
+        args.dtype = saved["args"].get("dtype", args.dtype)
+        args.powers = sorted({float(r["power"]) for r in rows})
     else:
         rows = run(args)
     if args.write_table:

@@ -122,7 +122,8 @@ def test_trainer_builds_the_moe_config_with_per_expert_groups():
     assert float(model.model.layers[0].mlp.experts.gate_up_proj.std()) == pytest.approx(0.02, rel=0.1)
     t = SimpleNamespace(optimizer="htmuon", lr=0.05, power=0.125, momentum=0.95, weight_decay=0.1,
                         spectral_method="eigh", interval=None, adamw_lr=3e-3, adamw_weight_decay=0.0,
-                        nonfinite="raise", nonfinite_patience=10, logging_steps=10, normuon_beta2=0.95, adjust_lr_fn=None)
+                        nonfinite="raise", nonfinite_patience=10, logging_steps=10, normuon_beta2=0.95, adjust_lr_fn=None,
+                        comm_dtype="none")
     routed = matrix_names(model, "reference")
     assert "model.layers.0.mlp.gate.weight" not in routed  # the router: AdamW by default
     opt = build_optimizer(model, t, routed, matrix_splits(model, "reference"))

@@ -210,3 +210,20 @@ def test_comm_dtype_bf16_rounds_what_the_owner_sees() -> None:
     rounded = nest.to(torch.bfloat16).float()
     assert rel(steps["bf16"], want(rounded, torch.bfloat16)) <= 4e-3  # measured 1.7e-3
     assert rel(steps["bf16"], want(nest, torch.float32)) > 0.1  # measured 0.35: the cutoff moved
+
+
+def test_the_trainer_notes_fp32_momentum_under_a_16_bit_method_on_gpus() -> None:
+    """On CUDA, auto/log_ns/fast_ns on fp32 momentum get a one-line note naming --comm_dtype bf16;
+    bf16 states, a bf16 wire, the exact methods and the CPU get none."""
+    from htmuon_dist.training.loop import momentum_dtype_note
+
+    note = momentum_dtype_note(_resolved("--spectral_method", "auto"), "cuda")
+    assert note is not None and "--comm_dtype bf16" in note and "--spectral_method auto" in note
+    assert momentum_dtype_note(_resolved("--spectral_method", "log_ns"), "cuda") is not None
+    for argv, device in ((["--spectral_method", "auto"], "cpu"),
+                         (["--spectral_method", "auto", "--comm_dtype", "bf16"], "cuda"),
+                         (["--spectral_method", "log_ns", "--param_dtype", "bf16"], "cuda"),
+                         (["--spectral_method", "eigh"], "cuda"),
+                         (["--optimizer", "muon"], "cuda"),
+                         (["--optimizer", "adamw"], "cuda")):
+        assert momentum_dtype_note(_resolved(*argv), device) is None, argv

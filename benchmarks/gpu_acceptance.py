@@ -98,7 +98,7 @@ def plan(out: Path, gpus: int, quick: bool, work: Optional[Path] = None) -> list
                 [[py, "benchmarks/spectral.py", "--device", "cuda", "--dtype", "bfloat16", "--powers", "0.0625,0.125",
                   "--shapes", shapes, "--repeat", "3",
                   "--methods", "svd,eigh,gram32,gram_rr,tracked_ns,fast_ns,log_ns,auto", "--json", str(out / "spectral.json"),
-                  "--write-table", str(out / "auto_table.json")]], 210),
+                  "--write-table", str(out / "auto_table.json")]], 270),
         Section("memory", "memory contract on a 7B layer set: max_memory_allocated vs the formula",
                 [[py, "benchmarks/memory.py", "--layers", "7b", "--world", "1", "--device", "cuda",
                   "--json", str(out / "memory.json")]], 90),

@@ -142,7 +142,7 @@ def fixed_plan(
     want = torch.cat([band ** ((power - 1.0) / 2.0), torch.zeros_like(low)])
     weight = torch.cat([band ** ((1.0 - power) / 2.0), low.sqrt() / ell**power + 1e-3])
     for degree in range(2, 12):
-        coef, err = _lawson(_cheb_basis(ys, degree, f_hi) * weight[:, None], want * weight, 60)
+        coef, err = _lawson(_tn.poly_basis(ys, degree, f_hi) * weight[:, None], want * weight, 60)
         if err <= target / 2:
             break
     f = tuple(coef.tolist())
@@ -350,14 +350,6 @@ def _fit_g(q: tuple[float, float, float], power: float, hi: float) -> tuple[floa
     return tuple(coef.tolist())
 
 
-def _cheb_basis(y: torch.Tensor, degree: int, hi: float) -> torch.Tensor:
-    z = (2.0 * y - hi) / hi
-    cols = [torch.ones_like(z), z]
-    while len(cols) < degree + 1:
-        cols.append(2.0 * z * cols[-1] - cols[-2])
-    return torch.stack(cols[: degree + 1], dim=1)
-
-
 def _evaluate(quintics, g, f, f_hi, power, s0: torch.Tensor) -> torch.Tensor:
     """F(s0): what the matrix iteration applies to a normalised singular value s0 (float64)."""
     s, acc = s0, torch.ones_like(s0)
@@ -365,7 +357,7 @@ def _evaluate(quintics, g, f, f_hi, power, s0: torch.Tensor) -> torch.Tensor:
         y = s * s
         acc = acc * (gk[0] + gk[1] * y + gk[2] * y * y)
         s = s * step_h(q, y)
-    return s * (_cheb_basis(s * s, len(f) - 1, f_hi) @ torch.tensor(f, dtype=s.dtype)) * acc
+    return s * (_tn.poly_basis(s * s, len(f) - 1, f_hi) @ torch.tensor(f, dtype=s.dtype)) * acc
 
 
 @lru_cache(maxsize=128)
@@ -401,7 +393,7 @@ def minimax_plan(power: float, ell: float, steps: Optional[int] = None, h_min: f
     target = torch.cat([band ** ((power - 1.0) / 2.0), torch.zeros_like(cut)])
     weight = torch.cat([band ** ((1.0 - power) / 2.0), cut.sqrt() / ell**power + 1e-3])
     for degree in range(2, 12):
-        coef, err = _lawson(_cheb_basis(ys, degree, f_hi) * weight[:, None], target * weight)
+        coef, err = _lawson(_tn.poly_basis(ys, degree, f_hi) * weight[:, None], target * weight)
         if err <= TARGET / 2:
             break
     f = tuple(coef.tolist())

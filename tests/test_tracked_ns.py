@@ -103,3 +103,17 @@ def test_bf16_input_is_computed_in_float32_with_bf16_cutoff() -> None:
 def test_power_one_returns_input() -> None:
     x = torch.randn(2, 30, 20)
     assert torch.equal(tracked_ns_power(x, 1.0, 1e-6), x)
+
+
+def test_lawson_fit_is_bitwise_reproducible():
+    """Plans are built by Lawson fits on the host; the same problem must give the same bits on
+    every call (and so in every process). The CPU's default lstsq driver (gelsy) did not."""
+    import hashlib
+
+    from htmuon_dist.spectral.tracked_ns import lawson_fit, poly_basis
+
+    y = torch.logspace(-4, 0, 1500, dtype=torch.float64)
+    basis = poly_basis(y, 12, 1.0)
+    target = y.pow(-0.4375)
+    digests = {hashlib.sha256(lawson_fit(basis, target, 40)[0].numpy().tobytes()).hexdigest() for _ in range(4)}
+    assert len(digests) == 1

@@ -145,6 +145,10 @@ def lawson_fit(basis: torch.Tensor, rhs: torch.Tensor, iters: int = 60,
     returns large coefficients that differ from run to run. Host-side schedule building only (it
     reads values), never inside a step."""
     lw = torch.full_like(rhs, 1.0 / rhs.numel())
+    # gelsd (SVD) on the CPU: the default there, gelsy, returned a different last bit on every
+    # call of the same problem, so plans differed between processes (gelsd's coefficients agree
+    # with gelsy's to 1e-12); CUDA has only gels
+    driver = "gelsd" if basis.device.type == "cpu" else None
     ridge_term = ridge * torch.eye(basis.size(1), dtype=basis.dtype) if ridge > 0.0 else None
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(iters):
@@ -153,7 +157,7 @@ def lawson_fit(basis: torch.Tensor, rhs: torch.Tensor, iters: int = 60,
             coef = torch.linalg.solve(basis.T @ weighted + ridge_term, weighted.T @ rhs)
         else:
             sw = lw.sqrt()
-            coef = torch.linalg.lstsq(basis * sw[:, None], (rhs * sw)[:, None]).solution[:, 0]
+            coef = torch.linalg.lstsq(basis * sw[:, None], (rhs * sw)[:, None], driver=driver).solution[:, 0]
         err = (basis @ coef - rhs).abs()
         if best is None or err.max().item() < best[1]:
             best = (coef, err.max().item())

@@ -362,6 +362,10 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
     if dtype not in precision.SUPPORTED:
         raise ValueError(f"log_ns: dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
     first = x.dtype if x.dtype in precision.LOW_PRECISION else dtype
+
+    def mm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # all but the two products with X_0 (in `first`)
+        return precision.mm(u, v, dtype)
+
     m, n = x.size(-2), x.size(-1)
     eye = torch.eye(n, dtype=torch.float32, device=x.device)
     amax = x.abs().amax(dim=(-2, -1), keepdim=True).to(torch.float32)
@@ -387,29 +391,26 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
         if k == 0:
             gram = precision.mm(x0.mT, x0, first) / fro2  # G_0 of X_0 = x0 / ||x0||_F
         else:
-            gram = precision.mm(xk.mT, xk, dtype) / carry**2
-        gram2 = precision.mm(gram, gram, dtype)
+            gram = mm(xk.mT, xk) / carry**2
+        gram2 = mm(gram, gram)
         add_terms(k, gram, gram2)
         step = q[0] * eye + q[1] * gram + q[2] * gram2
         if k == 0:  # fold 1/||x0||_F and the carry into the right factor: x0 is exact in `first`
             xk = precision.mm(x0, step * (carry * torch.rsqrt(fro2)), first)
             del x0  # memory: from here only X_k (float32) and (n, n) matrices are alive
         else:
-            xk = precision.mm(xk, step, dtype)
+            xk = mm(xk, step)
     # Gram phase: one (n, n) product per step gives T_2 of G_j and G_{j+1}
     k = len(plan.steps)
-    gram = precision.mm(xk.mT, xk, dtype) / carry**2
+    gram = mm(xk.mT, xk) / carry**2
     for a, b in plan.gram:
-        gram2 = precision.mm(gram, gram, dtype)
+        gram2 = mm(gram, gram)
         add_terms(k, gram, gram2)
         gram = a * gram + b * gram2
         gram = 0.5 * (gram + gram.mT)
         k += 1
     # T_1..T_FINAL_DEGREE of the last Gram, by Paterson-Stockmeyer blocks; the cut factor reuses
     # their T_2..T_k
-    def mm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return precision.mm(u, v, dtype)
-
     z, t2 = _cheb_matrix(gram, mm(gram, gram), plan.ymax[k], eye)
     basis: list = []
     lmat = lmat + chebyshev.matrix_series((0.0,) + coef[pos:], z, eye, mm, t2=t2, basis=basis)
@@ -420,7 +421,7 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
         weight = mm(half, mm(half, cut))
     else:
         weight = precision.mm_split(_expm(lmat, plan, eye, dtype, 0), cut, dtype)
-    out = precision.mm(xk, weight, dtype) / carry
+    out = mm(xk, weight) / carry
     return out.mul_((two * fro2.sqrt()) ** plan.power)
 
 

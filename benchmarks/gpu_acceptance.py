@@ -46,6 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 KEY_SHAPES = [(2048, 5461), (5461, 2048), (2048, 2048), (4096, 11008), (4096, 4096)]
 
 
+def _row_power(row: dict) -> float:
+    """The power a spectral.py row was measured at: rows from before ``--powers`` have none and
+    ran at its default, 1/8 (auto_table.LEGACY_POWER; this script does not import the package)."""
+    return float(row.get("power", 0.125))
+
+
 @dataclass
 class Section:
     name: str
@@ -232,13 +238,13 @@ def markdown(sections: list[Section], args: argparse.Namespace, total_s: float) 
         for r in rows:
             name = r["method"] + (f" → {r['resolved']}" if r["method"] == "auto" else "")
             extra = f" (ill-conditioned: {r['time_s_fallback'] * 1e3:.2f} ms)" if "time_s_fallback" in r else ""
-            lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r.get('power', 0.125):g} | {name} | "
+            lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {_row_power(r):g} | {name} | "
                          f"{r['time_s'] * 1e3:.2f}{extra} | {r.get('ratio_to_ns5', float('nan')):.2f} | "
                          f"{r['err_over_bar']:.2e} |")
         lines += ["", "Key ratios (HTMuon Σ^p / bf16 NS5):", ""]
         for shape in KEY_SHAPES:
-            for power in sorted({r.get("power", 0.125) for r in rows}):
-                here = [r for r in rows if tuple(r["shape"]) == shape and r.get("power", 0.125) == power
+            for power in sorted({_row_power(r) for r in rows}):
+                here = [r for r in rows if tuple(r["shape"]) == shape and _row_power(r) == power
                         and r["method"] != "ns5" and r["err_over_bar"] <= 1]
                 if here:
                     best = min(here, key=lambda r: r["time_s"])

@@ -3,8 +3,9 @@
 
     python benchmarks/lift_fit.py                  # ~30 s on one CPU core
     python benchmarks/lift_fit.py --floor 2e-4 --steps 6,7,8
+    python benchmarks/lift_fit.py --optimise-steps 7   # part 5 with free steps too (~3 min, scipy)
 
-It prints four things:
+It prints five things:
 
 1. **monotone lift**: the largest slope at 0 of an odd quintic ``p(s) = a s + b s^3 + c s^5`` with
    ``p' >= 0`` and ``p <= 1`` on [0, 1] (a linear program on a grid): the fastest lift that keeps
@@ -21,7 +22,14 @@ It prints four things:
 4. **the polar factor's price at the same floor**: Polar Express's band after 5-8 steps from
    ``--floor`` (3 products per step at square, NS5's) beside the products of ``log_ns``'s square
    plan at that floor: what an accurate Muon costs there, against an HTMuon that must keep every
-   σ apart to read σ^p off.
+   σ apart to read σ^p off;
+5. **the free read-out**: the best near-minimax fit of ``σ^p`` on ``[floor, 1]`` (relative error,
+   no rank cut: its best case) by a linear combination of the lift's own iterates
+   ``s_0 = σ, s_1, ..., s_J``. Each ``X_k = U s_k(Σ) V^T`` is computed by the lift anyway, so this
+   read-out costs no product at all, and folds do no harm (the basis is a fixed set of functions).
+   Exact minimax by a linear program with scipy, else Lawson's iterate (an upper bound).
+   Printed beside a quarter of the 1024x1024 Gaussian's gap at each p (part 3's spectrum), which
+   a uniform relative error must stay under to meet the bar.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -79,22 +88,32 @@ def joint_fit(steps, power: float, floor: float, final_degree: int) -> float:
     return err / power
 
 
-def soft_cut_table(n: int = 1024, seed: int = 3) -> list[str]:
+@lru_cache(maxsize=2)
+def gaussian_spectrum(n: int = 1024, seed: int = 3) -> tuple[torch.Tensor, float]:
+    """Singular values (float64) of a bf16-rounded square Gaussian with σ_max 1, and its cutoff τ."""
     gen = torch.Generator().manual_seed(seed)
     mat = torch.randn(n, n, generator=gen, dtype=torch.float64)
     x = (mat / torch.linalg.matrix_norm(mat, ord=2)).to(torch.bfloat16)
     s = torch.linalg.svdvals(x.double())
-    tau = float(threshold(s[None], default_rtol(torch.bfloat16, x.shape)))
-    keep = s > tau
+    return s, float(threshold(s[None], default_rtol(torch.bfloat16, x.shape)))
+
+
+def exact_and_gap(s: torch.Tensor, tau: float, power: float) -> tuple[torch.Tensor, float]:
+    """The exact values (σ^p above τ, 0 under) and the relative distance of the best rescaled polar factor."""
+    keep = (s > tau).double()
+    ref = keep * s.pow(power)
+    c = (keep * ref).sum() / keep.sum()
+    return ref, float((c * keep - ref).norm() / ref.norm())
+
+
+def soft_cut_table(n: int = 1024) -> list[str]:
+    s, tau = gaussian_spectrum(n)
     lines = [f"square {n}x{n} Gaussian (bf16): {float((s < 2 * tau).double().mean()):.1%} of the singular values "
              f"under 2 tau; err/gap of the exact values with the hard cut at tau replaced by a smoothstep:"]
     bands = [(0.8, 1.25), (0.7, 1.4), (0.5, 1.0), (0.5, 2.0), (0.25, 1.0)]
     lines.append("  p       " + "".join(f"[{lo:g},{hi:g}] tau".rjust(18) for lo, hi in bands) + "      no cut")
     for power in (1 / 16, 1 / 8, 1 / 4):
-        ref = torch.where(keep, s.pow(power), torch.zeros_like(s))
-        polar = keep.double()
-        c = (polar * ref).sum() / polar.sum()
-        gap = float((c * polar - ref).norm() / ref.norm())
+        ref, gap = exact_and_gap(s, tau, power)
         row = []
         for lo, hi in bands:
             t = ((s / tau).log() - math.log(lo)) / (math.log(hi) - math.log(lo))
@@ -123,6 +142,67 @@ def polar_peer(floor: float, counts: list[int]) -> list[str]:
     return lines
 
 
+def iterate_fit(steps, power: float, floor: float) -> float:
+    """Largest relative error of the best fit of σ^p on [floor, 1] by sum_k c_k s_k(σ), k = 0..J."""
+    sigma = torch.logspace(math.log10(floor), 0.0, 1500, dtype=torch.float64)
+    traj = torch.stack(log_ns._trajectory(steps, sigma), dim=1)
+    rows = traj / sigma.pow(power)[:, None]  # relative error: fit rows @ c ~ 1
+    try:
+        from scipy.optimize import linprog
+    except ImportError:  # Lawson's iterate: an upper bound on the minimax error
+        return lawson_fit(rows, torch.ones_like(sigma), 200)[1]
+    # the exact minimax: min e subject to |rows @ c - 1| <= e
+    k = rows.size(1)
+    a_ub = torch.cat([torch.cat([rows, -torch.ones_like(sigma)[:, None]], 1),
+                      torch.cat([-rows, -torch.ones_like(sigma)[:, None]], 1)])
+    b_ub = torch.cat([torch.ones_like(sigma), -torch.ones_like(sigma)])
+    res = linprog([0.0] * k + [1.0], A_ub=a_ub.numpy(), b_ub=b_ub.numpy(),
+                  bounds=[(None, None)] * k + [(0.0, None)], method="highs")
+    return float(res.x[-1])
+
+
+def optimised_iterate_fit(j: int, power: float, floor: float, start) -> float:
+    """iterate_fit with all 3j step coefficients free: a local search (Powell, scipy) from ``start``
+    repeated j times; steps whose values leave [-10, 10] on [0, 1] are rejected."""
+    from scipy.optimize import minimize
+
+    unit = torch.linspace(0.0, 1.0, 301, dtype=torch.float64)
+
+    def objective(theta) -> float:
+        steps = tuple(tuple(float(v) for v in theta[3 * k:3 * k + 3]) for k in range(j))
+        if not all(torch.isfinite(t).all() and t.abs().max() < 10 for t in log_ns._trajectory(steps, unit)):
+            return 10.0
+        return iterate_fit(steps, power, floor)
+
+    res = minimize(objective, list(start) * j, method="Powell", options={"maxfev": 6000, "xtol": 1e-5, "ftol": 1e-7})
+    return float(res.fun)
+
+
+def free_readout(floor: float, counts: list[int], gaps: Optional[dict[float, float]]) -> list[str]:
+    powers = (1 / 16, 1 / 8, 1 / 4)
+    head = "largest relative error of sum_k c_k s_k(σ) against σ^p on [floor, 1], p = 1/16 / 1/8 / 1/4"
+    lines = [f"the free read-out (floor {floor:g}, square: 3J products, 1.5x NS5 = 22.5): {head}"]
+    if gaps is not None:
+        lines.append("   a quarter of the 1024x1024 Gaussian's gap: " + " / ".join(f"{0.25 * gaps[p]:.4f}" for p in powers))
+    lines.append(f"   {'step family':<24}" + "".join(f"{'J=' + str(j):>26}" for j in counts))
+    families = {name: (lambda j, q=q: (q,) * j) for name, q in FAMILIES.items()}
+    families["Polar Express (8x..)"] = lambda j: tuple(tuple(c) for c in pe._applied(floor, j))
+    for name, make in families.items():
+        cells = []
+        for j in counts:
+            e = [iterate_fit(make(j), p, floor) for p in powers]
+            cells.append(" / ".join(f"{v:.4f}" for v in e))
+        lines.append(f"   {name:<24}" + "".join(f"{c:>26}" for c in cells))
+    return lines
+
+
+def optimised_readout(floor: float, j: int, power: float) -> list[str]:
+    lines = [f"   every step's coefficients free (J = {j}, p = {power:g}; Powell, a local search):"]
+    for name in ("3.0x (log_ns mild)", "3.44x (Jordan NS5)"):
+        lines.append(f"     from {name:<22} {optimised_iterate_fit(j, power, floor, FAMILIES[name]):.4f}")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--floor", type=float, default=3e-4,
@@ -130,11 +210,20 @@ def main(argv: Optional[list[str]] = None) -> None:
                          "2e-4 to 5e-4 at the LLaMA-1B/7B shapes)")
     ap.add_argument("--steps", default="6,7,8", help="comma list of step counts J")
     ap.add_argument("--final-degree", type=int, default=6, help="Chebyshev degree in the last Gram matrix")
-    ap.add_argument("--skip-soft-cut", action="store_true", help="skip part 3 (its SVD takes ~10 s)")
+    ap.add_argument("--optimise-steps", type=int, default=0, metavar="J",
+                    help="part 5 also with all J steps' coefficients optimised at p = 1/8 (scipy; ~3 min for J = 7)")
+    ap.add_argument("--skip-soft-cut", action="store_true", help="skip part 3 and part 5's gaps (an SVD, ~10 s)")
     args = ap.parse_args(argv)
     if not 0.0 < args.floor < 0.1:
         raise SystemExit(f"--floor must be in (0, 0.1), got {args.floor}")
     counts = [int(v) for v in args.steps.split(",") if v]
+    if args.optimise_steps < 0 or args.optimise_steps > 12:
+        raise SystemExit(f"--optimise-steps must be a step count in 1..12 (0: off), got {args.optimise_steps}")
+    if args.optimise_steps:
+        try:
+            import scipy.optimize  # noqa: F401
+        except ImportError:
+            raise SystemExit("--optimise-steps needs scipy (pip install scipy)") from None
     if not counts or min(counts) < 1:
         raise SystemExit(f"--steps must list positive step counts, got {args.steps!r}")
 
@@ -162,6 +251,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print("\n3. " + "\n".join(soft_cut_table()))
     print("\n4. the polar factor's price at the same floor against log_ns's, " + "\n".join(
         polar_peer(args.floor, list(range(5, 9)))))
+    gaps = None if args.skip_soft_cut else {p: exact_and_gap(*gaussian_spectrum(), p)[1] for p in (1 / 16, 1 / 8, 1 / 4)}
+    print("\n5. " + "\n".join(free_readout(args.floor, counts, gaps)))
+    if args.optimise_steps:
+        print("\n".join(optimised_readout(args.floor, args.optimise_steps, 1 / 8)))
 
 
 if __name__ == "__main__":

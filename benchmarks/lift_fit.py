@@ -5,7 +5,7 @@
     python benchmarks/lift_fit.py --floor 2e-4 --steps 6,7,8
     python benchmarks/lift_fit.py --optimise-steps 7   # part 5 with free steps too (~3 min, scipy)
 
-It prints five things:
+It prints six things:
 
 1. **monotone lift**: the largest slope at 0 of an odd quintic ``p(s) = a s + b s^3 + c s^5`` with
    ``p' >= 0`` and ``p <= 1`` on [0, 1] (a linear program on a grid): the fastest lift that keeps
@@ -29,7 +29,10 @@ It prints five things:
    read-out costs no product at all, and folds do no harm (the basis is a fixed set of functions).
    Exact minimax by a linear program with scipy, else Lawson's iterate (an upper bound).
    Printed beside a quarter of the 1024x1024 Gaussian's gap at each p (part 3's spectrum), which
-   a uniform relative error must stay under to meet the bar.
+   a uniform relative error must stay under to meet the bar;
+6. **why exp**: ``log_ns``'s square schedule (3 X steps, then Gram steps) and basis, fitted once
+   to ``ln(σ^p / s_3)`` (what ``log_ns`` does, then ``exp``) and once to the ratio ``σ^p / s_3``
+   itself, largest relative error / p: the direct fit would drop ``exp`` (5-6 products).
 """
 
 from __future__ import annotations
@@ -196,6 +199,34 @@ def free_readout(floor: float, counts: list[int], gaps: Optional[dict[float, flo
     return lines
 
 
+def log_or_direct_errors(floor: float, gram_steps: int, powers=(1 / 16, 1 / 8, 1 / 4)) -> dict[str, list[float]]:
+    """Largest error / p of log_ns's square basis fitted to ln(σ^p / s_3) ("log", absolute) and to
+    σ^p / s_3 itself ("direct", relative), on [floor, 1], per power."""
+    band = torch.logspace(math.log10(floor), 0.0, 3000, dtype=torch.float64)
+    full = torch.cat([torch.linspace(0.0, 1.0, 2001, dtype=torch.float64), band])
+    steps, gram = (log_ns.X_STEP,) * log_ns.SQUARE_X_STEPS, (log_ns.GRAM_STEP,) * gram_steps
+    ymax = tuple(max(1.0, float(y.max())) for y in log_ns._gram_values(steps, gram, full)[0])
+    ys, s_last = log_ns._gram_values(steps, gram, band)
+    basis = log_ns._basis(ys, ymax)
+    errors: dict[str, list[float]] = {"log": [], "direct": []}
+    for power in powers:
+        target = power * band.log() - s_last.log()
+        errors["log"].append(lawson_fit(basis, target, 60, ridge=log_ns.FIT_RIDGE)[1] / power)
+        ratio = target.exp()
+        errors["direct"].append(lawson_fit(basis / ratio[:, None], torch.ones_like(ratio), 100, ridge=1e-10)[1] / power)
+    return errors
+
+
+def log_or_direct(floor: float, gram_steps: list[int]) -> list[str]:
+    lines = [f"why exp (log_ns's square schedule and basis, floor {floor:g}): largest error / p of the fit of "
+             f"ln(σ^p / s_3) (log_ns) and of σ^p / s_3 itself (relative), p = 1/16 / 1/8 / 1/4",
+             f"   {'Gram steps':<12}{'log fit':>26}{'direct fit':>26}"]
+    for count in gram_steps:
+        errors = log_or_direct_errors(floor, count)
+        lines.append(f"   {count:<12}" + "".join(f"{' / '.join(f'{v:.4f}' for v in errors[k]):>26}" for k in ("log", "direct")))
+    return lines
+
+
 def optimised_readout(floor: float, j: int, power: float) -> list[str]:
     lines = [f"   every step's coefficients free (J = {j}, p = {power:g}; Powell, a local search):"]
     for name in ("3.0x (log_ns mild)", "3.44x (Jordan NS5)"):
@@ -255,6 +286,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print("\n5. " + "\n".join(free_readout(args.floor, counts, gaps)))
     if args.optimise_steps:
         print("\n".join(optimised_readout(args.floor, args.optimise_steps, 1 / 8)))
+    print("\n6. " + "\n".join(log_or_direct(args.floor, [6, 7, 8, 9, 10])))
 
 
 if __name__ == "__main__":

@@ -39,3 +39,9 @@ def test_jordan_steps_miss_the_bar_at_21_products(solver):
 def test_bad_optimise_steps_names_the_range(capsys):
     with pytest.raises(SystemExit, match="--optimise-steps must be a step count in 1..12"):
         lift_fit.main(["--optimise-steps", "13", "--skip-soft-cut"])
+
+
+def test_the_log_fit_is_what_makes_exp_worth_its_products():
+    errors = lift_fit.log_or_direct_errors(3e-4, 8)
+    assert max(errors["log"]) < 0.035  # log_ns's bound on the fit (FIT_TARGET)
+    assert min(errors["direct"]) > 0.3  # the same basis on sigma^p / s_3 itself

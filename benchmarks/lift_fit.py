@@ -230,6 +230,7 @@ def log_or_direct(floor: float, gram_steps: list[int]) -> list[str]:
 def optimised_readout(floor: float, j: int, power: float) -> list[str]:
     lines = [f"   every step's coefficients free (J = {j}, p = {power:g}; Powell, a local search):"]
     for name in ("3.0x (log_ns mild)", "3.44x (Jordan NS5)"):
+        print(f"   ... optimising {3 * j} step coefficients from {name} (Powell, up to 6000 fits)", file=sys.stderr, flush=True)
         lines.append(f"     from {name:<22} {optimised_iterate_fit(j, power, floor, FAMILIES[name]):.4f}")
     return lines
 

@@ -1,7 +1,9 @@
-"""benchmarks/lift_fit.py part 5: the free read-out (a linear combination of the lift's iterates)."""
+"""benchmarks/lift_fit.py parts 5 and 6: the free read-out (a linear combination of the lift's
+iterates) and the log fit against the direct one, the numbers docs/spectral.md quotes."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,11 +17,10 @@ from htmuon_dist.spectral.newton_schulz import NS5_COEFFS  # noqa: E402
 
 @pytest.fixture(params=["scipy", "lawson"])
 def solver(request, monkeypatch):
-    """Both paths of iterate_fit: scipy's LP where installed, and Lawson's fallback without it."""
-    if request.param == "lawson":
+    """Both paths of iterate_fit: scipy's LP (where scipy is installed; else Lawson again) and
+    Lawson's fallback."""
+    if request.param == "lawson" or importlib.util.find_spec("scipy") is None:
         monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # the import raises ImportError
-    elif __import__("importlib").util.find_spec("scipy") is None:
-        monkeypatch.setitem(sys.modules, "scipy.optimize", None)
     return request.param
 
 
@@ -36,7 +37,7 @@ def test_jordan_steps_miss_the_bar_at_21_products(solver):
     assert lift_fit.iterate_fit((NS5_COEFFS,) * 8, 1 / 8, 3e-4) < err  # more iterates, a richer basis
 
 
-def test_bad_optimise_steps_names_the_range(capsys):
+def test_bad_optimise_steps_names_the_range():
     with pytest.raises(SystemExit, match="--optimise-steps must be a step count in 1..12"):
         lift_fit.main(["--optimise-steps", "13", "--skip-soft-cut"])
 

@@ -72,6 +72,25 @@ def test_cuda_rule_is_log_ns_where_it_met_the_bar():
     assert get_method("auto").cost(5461, 2048) == get_method("log_ns").cost(5461, 2048)
 
 
+def test_auto_explains_which_clause_of_the_rule_chose():
+    # each clause names itself, and the method is rule_method's
+    cases = {
+        ("cuda", 5461, 2048, 1 / 16): ("log_ns", "m/n >= 2"),
+        ("cuda", 2048, 2048, 1 / 8): ("log_ns", "near square at p >= 0.125"),
+        ("cuda", 2048, 2048, 1 / 16): ("eigh", "near square at p < 0.125"),
+        ("cuda", 2048, 2048, None): ("eigh", "or unknown"),
+        ("cuda", 5461, 2048, 0.0): ("eigh", "p = 0 is outside [0.0625, 1]"),
+        ("mps", 5461, 2048, 1 / 8): ("eigh", "the exact method on mps"),
+    }
+    for (device, m, n, power), (method, clause) in cases.items():
+        name, reason = auto_table.rule_with_reason(device, m, n, power)
+        assert (name, name) == (method, auto_table.rule_method(device, m, n, power)) and clause in reason
+        name, why = fast.auto_explain(device, m, n, power=power)  # no table entry for these devices
+        assert name == method and why.startswith("rule: no measurements") and why.endswith(reason)
+    name, why = fast.auto_explain("cpu", 512, 512, power=0.125)  # the shipped CPU table
+    assert name == fast.auto_choice("cpu", 512, 512, power=0.125) and why.startswith("measured at 512x512")
+
+
 def test_auto_runs_what_the_table_names(monkeypatch, tmp_path):
     path = tmp_path / "table.json"
     path.write_text(json.dumps(SYNTH))

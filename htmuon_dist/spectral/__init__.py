@@ -25,7 +25,7 @@ from . import stream as _stream  # noqa: F401  (registers "stream")
 from .cutoff import Cutoff, noise_cutoff
 from . import gram32 as _gram32  # noqa: F401  (registers "gram32")
 from . import auto_table  # noqa: F401  (auto's measured table)
-from .fast import auto_choice
+from .fast import auto_choice, auto_explain
 from .newton_schulz import newton_schulz5
 from .registry import (
     SpectralMethod,
@@ -54,6 +54,7 @@ __all__ = [
     "SpectralMethod",
     "validate_power",
     "auto_choice",
+    "auto_explain",
 ]
 
 # The default cutoff follows the input's rounding noise (derivation in .cutoff and

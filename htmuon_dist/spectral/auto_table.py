@@ -90,14 +90,22 @@ def rule_method(device_type: str, m: Optional[int] = None, n: Optional[int] = No
     matrix (either orientation) at ``power``; without a shape, the device type's fast method;
     without a power, the choice for the powers the fast method covers at every aspect it covers
     (what the planner costs when it does not know p)."""
+    return rule_with_reason(device_type, m, n, power)[0]
+
+
+def rule_with_reason(device_type: str, m: Optional[int] = None, n: Optional[int] = None,
+                     power: Optional[float] = None) -> tuple[str, str]:
+    """(:func:`rule_method`'s method, which clause of the rule chose it)."""
     name = RULE_BY_DEVICE_TYPE.get(device_type, RULE_METHOD)
     if name == RULE_METHOD:
-        return name
+        return name, f"the exact method on {device_type}"
     if power is not None and not MIN_POWER <= power <= 1.0:
-        return RULE_METHOD
+        return RULE_METHOD, f"p = {power:g} is outside [{MIN_POWER:g}, 1], where {name} was measured"
     if m is not None and n is not None and max(m, n) < FAST_MIN_ASPECT * min(m, n):
-        return name if power is not None and power >= SQUARE_MIN_POWER else RULE_METHOD
-    return name
+        if power is not None and power >= SQUARE_MIN_POWER:
+            return name, f"near square at p >= {SQUARE_MIN_POWER:g}, where {name} met the bar"
+        return RULE_METHOD, f"near square at p < {SQUARE_MIN_POWER:g} or unknown, where {name} missed the bar"
+    return name, f"m/n >= {FAST_MIN_ASPECT:g}, where {name} met the bar"
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,7 +167,7 @@ def choose(
     powers = "/".join(f"{p:g}" for p in sorted({entry_power(e) for e in runs}))
     if best is None:
         return rule, f"rule: no method met the bar at {shape}, p = {powers} on {key!r}"
-    return best[1], f"measured at {shape}, p = {powers} on {key!r}: {best[0] * 1e3:.3g} ms"
+    return best[1], f"measured at {shape[0]}x{shape[1]}, p = {powers} on {key!r}: {best[0] * 1e3:.1f} ms"
 
 
 def merge_measurements(table: Table, key: str, rows: list[dict], source: str) -> Table:

@@ -73,6 +73,16 @@ def gram_rr_cost(m: int, n: int) -> float:
     return 10.0 * m * n * n + 2.0 * n**3 + 9.0 * n**3 + 2.0 * 9.0 * n**3
 
 
+def auto_explain(device_type: str, m: int, n: int, index: Optional[int] = None,
+                 power: Optional[float] = None) -> tuple[str, str]:
+    """(method, why) of :func:`auto_choice`: ``why`` names the measured run that decided
+    (shape, power, device, time) or why the documented rule applies."""
+    key = auto_table.device_key(device_type, index)
+    rule, reason = auto_table.rule_with_reason(device_type, m, n, power)
+    method, why = auto_table.choose(key, m, n, rule=rule, power=power)
+    return method, (f"{why}; {reason}" if why.startswith("rule") else why)
+
+
 def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None,
                 power: Optional[float] = None) -> str:
     """Method name ``"auto"`` uses for one (m, n) matrix on ``device_type`` (device ``index``)
@@ -81,8 +91,7 @@ def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None,
     the documented rule (on CUDA ``log_ns`` for m/n >= 2, and near square for p >= 1/8;
     ``eigh`` elsewhere: :func:`.auto_table.rule_method`). Without a power, the choice for p
     unknown (near square: ``eigh``)."""
-    key = auto_table.device_key(device_type, index)
-    return auto_table.choose(key, m, n, rule=auto_table.rule_method(device_type, m, n, power), power=power)[0]
+    return auto_explain(device_type, m, n, index, power)[0]
 
 
 def auto_power(x: torch.Tensor, power: float, rtol: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .data import TokenStream, eval_batches, load_documents, load_tokenizer
 from .memory import malloc_trim, mmap_threshold_for, set_mmap_threshold
 from .metrics import MetricsWriter, plot_losses
 from .model import build_model, count_parameters, describe, export_pretrained, load_llama_config, materialize
-from .optim import build_optimizer, build_scheduler, matrix_names, matrix_splits
+from .optim import build_optimizer, build_scheduler, matrix_names, matrix_shape_counts, matrix_splits
 from .preemption import PREEMPTED_EXIT, PreemptionWatch, process_group_kwargs, write_marker
 from .step_batches import StepBatches
 from .parallel import apply_fsdp1, apply_fsdp2, clip_grad_norm, detect_strategy, set_gradient_sync
@@ -132,6 +132,7 @@ class Built:
     n_params: int
     param_kinds: dict[str, int]
     esd: Any = None  # --esd_steps: htmuon_dist.diagnostics.monitor.EsdMonitor
+    matrix_shapes: Optional[dict] = None  # (rows, cols) -> count of HTMuon's matrices (unwrapped model)
 
 
 @dataclass
@@ -230,6 +231,7 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
     routed = (matrix_names(model, t.param_convention, t.moe_router) if t.optimizer != "adamw"
               else matrix_names(model, "reference"))
     splits = matrix_splits(model, t.param_convention, t.moe_router) if t.optimizer != "adamw" else {}
+    shapes = matrix_shape_counts(model, routed, splits) if t.optimizer != "adamw" else {}
     std = model_cfg.initializer_range
     if strategy == "deepspeed":
         pass  # ZeRO-3 may have partitioned the parameters at construction: keep HF's N(0, std) init
@@ -275,7 +277,7 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
         from .optim import clean_name
 
         esd = EsdMonitor(optimizer, model, routed, clean_name)
-    return Built(tokenizer, model_cfg, model, optimizer, scheduler, n_params, param_kinds, esd)
+    return Built(tokenizer, model_cfg, model, optimizer, scheduler, n_params, param_kinds, esd, shapes)
 
 
 def prepare_data(rt: Runtime, built: Built) -> DataPlan:
@@ -335,6 +337,8 @@ def _announce(rt: Runtime, built: Built, progress: Progress, writer: MetricsWrit
     note = momentum_dtype_note(t, rt.device.type)
     if note:
         print(note, flush=True)
+    for line in auto_choice_lines(t, rt.device, built.matrix_shapes or {}):
+        print(line, flush=True)
     (rt.out / "config.json").write_text(json.dumps(rt.cfg.to_dict(), indent=2))
 
 
@@ -353,6 +357,30 @@ def momentum_dtype_note(t: TrainArguments, device_type: str) -> Optional[str]:
             "fp16's noise rule and plan longer lifts (log_ns: priced 1.42-1.58x NS5 at the LLaMA MLP shapes, "
             "against 1.16-1.18x on bf16 momentum); --comm_dtype bf16 exchanges bf16 momentum "
             "(docs/spectral.md, \"Momentum dtype\")")
+
+
+def auto_choice_lines(t: TrainArguments, device: torch.device, shapes: dict[tuple[int, int], int]) -> list[str]:
+    """Where ``--spectral_method auto`` runs: what it resolves to for HTMuon's matrix shapes on
+    this device at ``--power`` (largest first), then why: a measured run of the shipped table or
+    the documented rule, once if every shape has the same reason. Empty for any other method
+    (pure function of its arguments)."""
+    if t.optimizer == "adamw" or t.spectral_method != "auto" or not shapes:
+        return []
+    from htmuon_dist.spectral import auto_explain
+
+    by_method: dict[str, list[str]] = {}
+    whys: dict[str, str] = {}
+    for (rows, cols), count in sorted(shapes.items(), key=lambda kv: (-kv[0][0] * kv[0][1], kv[0])):
+        method, why = auto_explain(device.type, rows, cols, device.index, t.power)
+        by_method.setdefault(method, []).append(f"{count} x {rows}x{cols}")
+        whys[f"{rows}x{cols}"] = why
+    lines = [f"--spectral_method auto on {device.type} at power {t.power:g}: "
+             + "; ".join(f"{method} for {', '.join(items)}" for method, items in by_method.items())]
+    if len(set(whys.values())) == 1:
+        lines.append(f"  why: {next(iter(whys.values()))} (docs/spectral.md, \"auto\")")
+    else:
+        lines.extend(f"  {shape}: {why}" for shape, why in whys.items())
+    return lines
 
 
 def save_checkpoint(rt: Runtime, built: Built, data: DataPlan, progress: Progress,

@@ -38,6 +38,25 @@ def matrix_splits(model: nn.Module, convention: str, router: str = "adamw") -> d
             for g in param_groups(model, convention=convention, router=router) if g["htmuon"] for n in g["param_names"]}
 
 
+def matrix_shape_counts(model: nn.Module, matrices: set[str],
+                        splits: "dict[str, dict] | None" = None) -> dict[tuple[int, int], int]:
+    """(rows, cols) -> how many independent matrices of that shape HTMuon orthogonalises: every
+    routed parameter cut by its ``splits`` keys (expert stacks per expert, fused projections
+    per block). Read on the unwrapped model (a ZeRO-3 partitioned parameter by its ``ds_shape``)."""
+    from htmuon_dist.matrix_views import matrix_windows
+
+    counts: dict[tuple[int, int], int] = {}
+    for raw, p in model.named_parameters():
+        name = clean_name(raw)
+        if name not in matrices:
+            continue
+        keys = (splits or {}).get(name, {})
+        shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+        for w in matrix_windows(shape, keys.get("stack_dims"), keys.get("row_blocks"), name):
+            counts[(w.rows, w.cols)] = counts.get((w.rows, w.cols), 0) + 1
+    return counts
+
+
 def build_optimizer(model: nn.Module, t: TrainArguments, matrices: set[str],
                     splits: "dict[str, dict] | None" = None) -> torch.optim.Optimizer:
     """The HTMuon family (htmuon, htmuon_interval, htmuon_stream, htmuon_ns, htmuon_ht, muon, normuon,

@@ -227,3 +227,39 @@ def test_the_trainer_notes_fp32_momentum_under_a_16_bit_method_on_gpus() -> None
                          (["--optimizer", "muon"], "cuda"),
                          (["--optimizer", "adamw"], "cuda")):
         assert momentum_dtype_note(_resolved(*argv), device) is None, argv
+
+
+def test_matrix_shape_counts_cut_experts_and_fused_blocks() -> None:
+    """HTMuon's matrices as the announcement counts them: a 3-D expert stack per expert, a fused
+    gate/up projection per row block, plain weights whole; unrouted parameters not at all."""
+    from htmuon_dist.training.optim import matrix_shape_counts
+
+    model = torch.nn.Module()
+    model.experts = torch.nn.Parameter(torch.zeros(4, 24, 16))  # 4 experts of (24, 16)
+    model.gate_up = torch.nn.Parameter(torch.zeros(48, 16))  # two (24, 16) blocks
+    model.down = torch.nn.Parameter(torch.zeros(16, 24))
+    model.norm = torch.nn.Parameter(torch.zeros(16))
+    splits = {"gate_up": {"row_blocks": (24, 24)}}
+    got = matrix_shape_counts(model, {"experts", "gate_up", "down"}, splits)
+    assert got == {(24, 16): 6, (16, 24): 1}
+
+
+def test_the_trainer_says_what_auto_resolves_to() -> None:
+    """--spectral_method auto: one line of methods per device and power, then why (the rule's
+    clause per shape on CUDA without a measured table; one reason when all agree)."""
+    from htmuon_dist.training.loop import auto_choice_lines
+
+    shapes = {(2048, 2048): 64, (5461, 2048): 32}
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    lines = auto_choice_lines(_resolved("--spectral_method", "auto", "--power", "0.0625"), cuda, shapes)
+    assert lines[0] == ("--spectral_method auto on cuda at power 0.0625: log_ns for 32 x 5461x2048; "
+                        "eigh for 64 x 2048x2048")
+    assert "5461x2048: rule" in lines[1] and "m/n >= 2" in lines[1]
+    assert "2048x2048: rule" in lines[2] and "near square at p < 0.125" in lines[2]
+    lines = auto_choice_lines(_resolved("--spectral_method", "auto"), cuda, shapes)  # p = 1/8
+    assert lines[0].endswith("log_ns for 32 x 5461x2048, 64 x 2048x2048") and len(lines) == 3  # largest first
+    lines = auto_choice_lines(_resolved("--spectral_method", "auto"), torch.device("cpu"), {(512, 512): 3})
+    assert lines[0].endswith("eigh for 3 x 512x512")  # the shipped CPU table measured 512x512
+    assert lines[1] == '  why: measured at 512x512, p = 0.125 on \'cpu\': ' + lines[1].split(": ", 2)[2]
+    for argv in (["--spectral_method", "eigh"], ["--optimizer", "adamw"]):
+        assert auto_choice_lines(_resolved(*argv), cuda, shapes) == [], argv

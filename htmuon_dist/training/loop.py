@@ -132,7 +132,7 @@ class Built:
     n_params: int
     param_kinds: dict[str, int]
     esd: Any = None  # --esd_steps: htmuon_dist.diagnostics.monitor.EsdMonitor
-    matrix_shapes: Optional[dict] = None  # (rows, cols) -> count of HTMuon's matrices (unwrapped model)
+    matrix_shapes: Optional[dict[tuple[int, int], int]] = None  # (rows, cols) -> count of HTMuon's matrices
 
 
 @dataclass
@@ -362,8 +362,8 @@ def momentum_dtype_note(t: TrainArguments, device_type: str) -> Optional[str]:
 def auto_choice_lines(t: TrainArguments, device: torch.device, shapes: dict[tuple[int, int], int]) -> list[str]:
     """Where ``--spectral_method auto`` runs: what it resolves to for HTMuon's matrix shapes on
     this device at ``--power`` (largest first), then why: a measured run of the shipped table or
-    the documented rule, once if every shape has the same reason. Empty for any other method
-    (pure function of its arguments)."""
+    the documented rule, once if every shape has the same reason. Empty for any other method.
+    Host-only (shapes and the shipped table): no collective, no tensor."""
     if t.optimizer == "adamw" or t.spectral_method != "auto" or not shapes:
         return []
     from htmuon_dist.spectral import auto_explain

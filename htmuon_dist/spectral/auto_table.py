@@ -143,19 +143,25 @@ def _runs_for(entries: list[dict], m: int, n: int, power: Optional[float]) -> tu
 
 def choose(
     key: str, m: int, n: int, table: Optional[Table] = None, rule: str = RULE_METHOD,
-    power: Optional[float] = None,
+    power: Optional[float] = None, rule_reason: str = "",
 ) -> tuple[str, str]:
     """(method, why) for one (m, n) matrix (either orientation) at ``power`` on the device
     ``key``; ``rule`` where the table has nothing for it (``rule_method(device_type, m, n,
-    power)``). ``power=None``: a method must have met the bar at every measured power."""
+    power)``; ``rule_reason``, its clause, is added to ``why`` then). ``power=None``: a method
+    must have met the bar at every measured power."""
+
+    def by_rule(why: str) -> tuple[str, str]:
+        return rule, f"rule: {why}" + (f"; {rule_reason}" if rule_reason else "")
+
     m, n = max(m, n), min(m, n)
     table = load_table() if table is None else table
     entries = table.get("devices", {}).get(key, {}).get("entries", [])
     if not entries or m < 1 or n < 1:
-        return rule, f"rule: no measurements for {key!r}"
+        return by_rule(f"no measurements for {key!r}")
     runs, shape = _runs_for(entries, m, n, power)
+    label = f"{shape[0]}x{shape[1]}"
     if not runs:
-        return rule, f"rule: nothing measured at p <= {power:g} at {shape} on {key!r}"
+        return by_rule(f"nothing measured at p <= {power:g} at {label} on {key!r}")
     best: Optional[tuple[float, str]] = None
     for name in sorted(set.intersection(*(set(e.get("methods", {})) for e in runs))):
         rows = [e["methods"][name] for e in runs]
@@ -166,8 +172,8 @@ def choose(
             best = (t, name)
     powers = "/".join(f"{p:g}" for p in sorted({entry_power(e) for e in runs}))
     if best is None:
-        return rule, f"rule: no method met the bar at {shape}, p = {powers} on {key!r}"
-    return best[1], f"measured at {shape[0]}x{shape[1]}, p = {powers} on {key!r}: {best[0] * 1e3:.1f} ms"
+        return by_rule(f"no method met the bar at {label}, p = {powers} on {key!r}")
+    return best[1], f"measured at {label}, p = {powers} on {key!r}: {best[0] * 1e3:.1f} ms"
 
 
 def merge_measurements(table: Table, key: str, rows: list[dict], source: str) -> Table:

@@ -79,8 +79,7 @@ def auto_explain(device_type: str, m: int, n: int, index: Optional[int] = None,
     (shape, power, device, time) or why the documented rule applies."""
     key = auto_table.device_key(device_type, index)
     rule, reason = auto_table.rule_with_reason(device_type, m, n, power)
-    method, why = auto_table.choose(key, m, n, rule=rule, power=power)
-    return method, (f"{why}; {reason}" if why.startswith("rule") else why)
+    return auto_table.choose(key, m, n, rule=rule, power=power, rule_reason=reason)
 
 
 def auto_choice(device_type: str, m: int, n: int, index: Optional[int] = None,

@@ -231,7 +231,8 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
     routed = (matrix_names(model, t.param_convention, t.moe_router) if t.optimizer != "adamw"
               else matrix_names(model, "reference"))
     splits = matrix_splits(model, t.param_convention, t.moe_router) if t.optimizer != "adamw" else {}
-    shapes = matrix_shape_counts(model, routed, splits) if t.optimizer != "adamw" else {}
+    # only the start-up lines of --spectral_method auto read them
+    shapes = matrix_shape_counts(model, routed, splits) if t.optimizer != "adamw" and t.spectral_method == "auto" else {}
     std = model_cfg.initializer_range
     if strategy == "deepspeed":
         pass  # ZeRO-3 may have partitioned the parameters at construction: keep HF's N(0, std) init

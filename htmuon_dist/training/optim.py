@@ -43,16 +43,17 @@ def matrix_shape_counts(model: nn.Module, matrices: set[str],
     """(rows, cols) -> how many independent matrices of that shape HTMuon orthogonalises: every
     routed parameter cut by its ``splits`` keys (expert stacks per expert, fused projections
     per block). Read on the unwrapped model (a ZeRO-3 partitioned parameter by its ``ds_shape``)."""
+    from htmuon_dist.distributed.backends.zero import logical_shape
     from htmuon_dist.matrix_views import matrix_windows
 
+    splits = splits or {}
     counts: dict[tuple[int, int], int] = {}
     for raw, p in model.named_parameters():
         name = clean_name(raw)
         if name not in matrices:
             continue
-        keys = (splits or {}).get(name, {})
-        shape = tuple(getattr(p, "ds_shape", None) or p.shape)
-        for w in matrix_windows(shape, keys.get("stack_dims"), keys.get("row_blocks"), name):
+        keys = splits.get(name, {})
+        for w in matrix_windows(logical_shape(p), keys.get("stack_dims"), keys.get("row_blocks"), name):
             counts[(w.rows, w.cols)] = counts.get((w.rows, w.cols), 0) + 1
     return counts
 

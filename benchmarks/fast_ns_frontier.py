@@ -129,13 +129,14 @@ def _minimax(steps: int, dtype: torch.dtype) -> Candidate:
     return run
 
 
-def _log(dtype: torch.dtype = log_ns.DEFAULT_DTYPE, fit_target: Optional[float] = None) -> Candidate:
+def _log(dtype: torch.dtype = log_ns.DEFAULT_DTYPE, fit_target: Optional[float] = None,
+         readout: str = log_ns.DEFAULT_READOUT) -> Candidate:
     """log_ns on the data's cutoff as registered (:func:`_data_rtol`); ``fit_target`` overrides its FIT_TARGET (a looser fit
-    picks fewer or faster steps)."""
+    picks fewer or faster steps), ``readout`` its map from L to the weight (the earlier ``exp``)."""
 
     def run(x: torch.Tensor, power: float) -> torch.Tensor:
         plan = log_ns.plan_for(power, _data_rtol(x, dtype), x.size(-2), x.size(-1),
-                               log_ns.FIT_TARGET if fit_target is None else fit_target)
+                               log_ns.FIT_TARGET if fit_target is None else fit_target, readout)
         return log_ns.run_plan(x, plan, dtype)
 
     return run
@@ -166,6 +167,7 @@ CANDIDATES: dict[str, Candidate] = {
     "log_ns": _log(),  # the registered method (fp16 operands)
     "log_ns/bf16": _log(torch.bfloat16),
     "log_ns/fit0.07": _log(fit_target=0.07),
+    "log_ns/exp": _log(readout="exp"),  # the read-out before the quartic (docs/spectral.md, "log_ns")
     "fast_ns": _fast(torch.float16),  # the registered method (fp16 operands)
     "fast_ns/bf16": _fast(torch.bfloat16),
     "fast_ns/fp32": _fast(torch.float32),

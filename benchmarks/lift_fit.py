@@ -4,8 +4,9 @@
     python benchmarks/lift_fit.py                  # ~30 s on one CPU core
     python benchmarks/lift_fit.py --floor 2e-4 --steps 6,7,8
     python benchmarks/lift_fit.py --optimise-steps 7   # part 5 with free steps too (~3 min, scipy)
+    python benchmarks/lift_fit.py --skip-soft-cut --square-search --floor 4.25e-4   # part 7 at 2048^2's floor
 
-It prints six things:
+It prints six things (seven with ``--square-search``):
 
 1. **monotone lift**: the largest slope at 0 of an odd quintic ``p(s) = a s + b s^3 + c s^5`` with
    ``p' >= 0`` and ``p <= 1`` on [0, 1] (a linear program on a grid): the fastest lift that keeps
@@ -30,9 +31,15 @@ It prints six things:
    Exact minimax by a linear program with scipy, else Lawson's iterate (an upper bound).
    Printed beside a quarter of the 1024x1024 Gaussian's gap at each p (part 3's spectrum), which
    a uniform relative error must stay under to meet the bar;
-6. **why exp**: ``log_ns``'s square schedule (3 X steps, then Gram steps) and basis, fitted once
-   to ``ln(σ^p / s_3)`` (what ``log_ns`` does, then ``exp``) and once to the ratio ``σ^p / s_3``
-   itself, largest relative error / p: the direct fit would drop ``exp`` (5-6 products).
+6. **the read-out's map**: ``log_ns``'s square schedule (3 X steps, then Gram steps) and basis,
+   with the weight ``σ^p / s_3`` written as ``E(L)^2`` for several maps E (Taylor polynomials of
+   ``e^(L/2)`` of degree 1-4, and ``e^(L/2)`` itself), L fitted through the map, and as the basis
+   itself (``W = L``, the direct fit): the largest log error / p, and the products each map
+   costs at square. The degree-4 Taylor polynomial fits as well as exp for 2 products instead
+   of 4-5, which is why ``log_ns`` reads out with it; the direct fit misses by ~30x.
+7. **the square search** (``--square-search``): ``log_ns``'s knobs at square shapes (final degree,
+   X steps, the Gram lift, Gram steps, cut degree) with the quartic read-out at p = 1/8, and the
+   best fit per product count: how far the design is from 22.5 products (1.5x NS5).
 """
 
 from __future__ import annotations
@@ -141,7 +148,7 @@ def polar_peer(floor: float, counts: list[int]) -> list[str]:
         c = log_ns.plan_products(plan)
         total = c["mn2"] + c["n3"]
         lines.append(f"   log_ns at p = {power:g}: {total:>3} products ({total / 15:.2f}x NS5): {len(plan.steps)} X steps, "
-                     f"{len(plan.gram)} Gram steps, exp of degree {plan.taylor} with {plan.squarings} squaring(s)")
+                     f"{len(plan.gram)} Gram steps, the {plan.readout} read-out")
     return lines
 
 
@@ -199,31 +206,89 @@ def free_readout(floor: float, counts: list[int], gaps: Optional[dict[float, flo
     return lines
 
 
-def log_or_direct_errors(floor: float, gram_steps: int, powers=(1 / 16, 1 / 8, 1 / 4)) -> dict[str, list[float]]:
-    """Largest error / p of log_ns's square basis fitted to ln(σ^p / s_3) ("log", absolute) and to
-    σ^p / s_3 itself ("direct", relative), on [floor, 1], per power."""
+READOUT_MAPS = {  # name: (Taylor coefficients of E in L, or None for E = e^(L/2); products for E at square)
+    "E = 1 + L/2": (log_ns.QUARTIC[:2], "0"),
+    "E = Taylor 2 of e^(L/2)": (log_ns.QUARTIC[:3], "1"),
+    "E = Taylor 3 of e^(L/2)": (log_ns.QUARTIC[:4], "2"),
+    "E = Taylor 4 (log_ns)": (log_ns.QUARTIC, "2"),
+    "E = exp(L/2) (log_ns before)": (None, "4-5"),
+}
+
+
+def readout_map_errors(floor: float, gram_steps: int, powers=(1 / 16, 1 / 8, 1 / 4)) -> dict[str, list[float]]:
+    """Largest |ln F - ln σ^p| / p on [floor, 1] of log_ns's square basis fitted through each read-out
+    map (the weight is E(L)^2, L in the basis's span, fitted as log_ns fits it: through the map, rows
+    weighted by its log slope), and ("W = L (direct)") of the weight fitted as the basis itself, per
+    power (float64, no cut)."""
     band = torch.logspace(math.log10(floor), 0.0, 3000, dtype=torch.float64)
     full = torch.cat([torch.linspace(0.0, 1.0, 2001, dtype=torch.float64), band])
     steps, gram = (log_ns.X_STEP,) * log_ns.SQUARE_X_STEPS, (log_ns.GRAM_STEP,) * gram_steps
     ymax = tuple(max(1.0, float(y.max())) for y in log_ns._gram_values(steps, gram, full)[0])
     ys, s_last = log_ns._gram_values(steps, gram, band)
     basis = log_ns._basis(ys, ymax)
-    errors: dict[str, list[float]] = {"log": [], "direct": []}
+    errors: dict[str, list[float]] = {name: [] for name in ["W = L (direct)", *READOUT_MAPS]}
     for power in powers:
         target = power * band.log() - s_last.log()
-        errors["log"].append(lawson_fit(basis, target, 60, ridge=log_ns.FIT_RIDGE)[1] / power)
         ratio = target.exp()
-        errors["direct"].append(lawson_fit(basis / ratio[:, None], torch.ones_like(ratio), 100, ridge=1e-10)[1] / power)
+        direct, _ = lawson_fit(basis / ratio[:, None], torch.ones_like(ratio), 100, ridge=1e-10)
+        errors["W = L (direct)"].append(float(((basis @ direct).log() - target).abs().max()) / power)
+        for name, (coefs, _) in READOUT_MAPS.items():
+            x, slope = log_ns.through_map(target, coefs)
+            coef, _ = lawson_fit(basis * slope[:, None], x * slope, 60, ridge=log_ns.FIT_RIDGE)
+            got = basis @ coef
+            log_f = got if coefs is None else 2.0 * log_ns.poly(coefs, got).log()
+            errors[name].append(float((log_f - target).abs().max()) / power)
     return errors
 
 
-def log_or_direct(floor: float, gram_steps: list[int]) -> list[str]:
-    lines = [f"why exp (log_ns's square schedule and basis, floor {floor:g}): largest error / p of the fit of "
-             f"ln(σ^p / s_3) (log_ns) and of σ^p / s_3 itself (relative), p = 1/16 / 1/8 / 1/4",
-             f"   {'Gram steps':<12}{'log fit':>26}{'direct fit':>26}"]
-    for count in gram_steps:
-        errors = log_or_direct_errors(floor, count)
-        lines.append(f"   {count:<12}" + "".join(f"{' / '.join(f'{v:.4f}' for v in errors[k]):>26}" for k in ("log", "direct")))
+def readout_maps(floor: float, gram_steps: list[int]) -> list[str]:
+    lines = [f"the read-out's map (log_ns's square schedule and basis, floor {floor:g}): the weight "
+             "σ^p / s_3 as E(L)^2 with L fitted through the map, largest |ln error| / p at p = 1/16 / 1/8 / 1/4 "
+             "(log_ns accepts <= 0.035; products to form E from L at square in brackets; every map then "
+             "spends E C and E (E C), the direct W = L only L C)"]
+    names = ["W = L (direct)", *READOUT_MAPS]
+    tables = {count: readout_map_errors(floor, count) for count in gram_steps}
+    lines.append(f"   {'map':<36}" + "".join(f"{f'{count} Gram steps':>26}" for count in gram_steps))
+    for name in names:
+        label = f"{name} [{READOUT_MAPS[name][1]}]" if name in READOUT_MAPS else f"{name} [0]"
+        lines.append(f"   {label:<36}" + "".join(
+            f"{' / '.join(f'{v:.4f}' for v in tables[count][name]):>26}" for count in gram_steps))
+    return lines
+
+
+SEARCH_DEGREES, SEARCH_X_STEPS, SEARCH_GRAM_LIFTS = (4, 6, 8), (1, 2, 3), (2.58, 2.8, 3.0, 3.3, 3.6)
+
+
+def square_search(floor: float, power: float) -> list[str]:
+    """log_ns's knobs at square shapes with the quartic read-out: every final degree, X step count
+    and Gram lift a of SEARCH_*, Gram steps 4-15 (until a well-posed fit within FIT_TARGET), the
+    cut degrees log_ns tries; per product count (n^3 units at square), the best fit's |ln error| / p
+    (exact arithmetic, host)."""
+    from htmuon_dist.spectral import chebyshev
+
+    best: dict[int, tuple[float, str]] = {}
+    for degree in SEARCH_DEGREES:
+        for k1 in SEARCH_X_STEPS:
+            print(f"   ... square search: final degree {degree}, {k1} X step(s)", file=sys.stderr, flush=True)
+            for a in SEARCH_GRAM_LIFTS:
+                for k2 in range(4, 16):
+                    steps, gram = (log_ns.X_STEP,) * k1, ((a, -a * a / 4.0),) * k2
+                    plans = [log_ns._fit(power, floor, floor * log_ns.NOISE_ZERO / log_ns.NOISE_LIFT, steps, gram,
+                                         cut, log_ns.MID_WEIGHTS[0], final_degree=degree) for cut in log_ns.CUT_DEGREES]
+                    plans = [plan for plan in plans if plan is not None and log_ns._well_posed(plan)]
+                    for plan in plans:  # a higher cut degree may cost a product more
+                        total = sum(log_ns.plan_products(plan).values())
+                        what = f"final degree {degree}, {k1} X, {k2} Gram steps of {a}, cut degree {len(plan.cut) - 1}"
+                        if total not in best or plan.bound < best[total][0]:
+                            best[total] = (plan.bound, what)
+                    if any(plan.bound <= log_ns.FIT_TARGET * power for plan in plans):
+                        break  # more Gram steps only cost more
+    lines = [f"square search (quartic read-out, p = {power:g}, floor {floor:g}; well-posed plans only): the best "
+             f"|ln error| / p per product count (log_ns accepts <= {log_ns.FIT_TARGET}; 1.5x NS5 = 22.5 products)"]
+    for total in sorted(best):
+        bound, what = best[total]
+        mark = "  within the bound" if bound <= log_ns.FIT_TARGET * power else ""
+        lines.append(f"   {total:>3} products ({total / 15:.2f}x NS5): {bound / power:9.4f}  ({what}){mark}")
     return lines
 
 
@@ -245,6 +310,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--optimise-steps", type=int, default=0, metavar="J",
                     help="part 5 also with all J steps' coefficients optimised at p = 1/8 (scipy; ~3 min for J = 7)")
     ap.add_argument("--skip-soft-cut", action="store_true", help="skip part 3 and part 5's gaps (an SVD, ~10 s)")
+    ap.add_argument("--square-search", action="store_true",
+                    help="part 7: search log_ns's knobs at square shapes for the fewest products within its fit bound "
+                         "(p = 1/8, ~3 min)")
     args = ap.parse_args(argv)
     if not 0.0 < args.floor < 0.1:
         raise SystemExit(f"--floor must be in (0, 0.1), got {args.floor}")
@@ -287,7 +355,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     print("\n5. " + "\n".join(free_readout(args.floor, counts, gaps)))
     if args.optimise_steps:
         print("\n".join(optimised_readout(args.floor, args.optimise_steps, 1 / 8)))
-    print("\n6. " + "\n".join(log_or_direct(args.floor, [6, 7, 8, 9, 10])))
+    print("\n6. " + "\n".join(readout_maps(args.floor, [7, 8, 9])))
+    if args.square_search:
+        print("\n7. " + "\n".join(square_search(args.floor, 1 / 8)))
 
 
 if __name__ == "__main__":

@@ -31,16 +31,17 @@ def test_square_power_law_down_to_the_cut() -> None:
         assert other > 0.25, (power, other)
 
 
-@pytest.mark.parametrize("power, squarings", [(0.125, 2), (0.9, 0)])
-def test_plan_bound_and_leak_are_what_it_applies(power: float, squarings: int) -> None:
+@pytest.mark.parametrize("power, readout, squarings", [(0.125, "quartic", 0), (0.125, "exp", 2), (0.9, "exp", 0)])
+def test_plan_bound_and_leak_are_what_it_applies(power: float, readout: str, squarings: int) -> None:
     # plan.bound is max |ln(F(s)/s^p)| over [floor, 1], plan.leak max |F(s)| / floor^p over
     # [0, zero], both in exact arithmetic; the matrix side with float32 products must apply that
     # F to each singular value (a diagonal matrix: the singular vectors are the axes, so each
-    # direction is read off directly; F need not be monotone). Both ways of applying exp(L) C run:
-    # E (E C) after exp's squarings, and the two-term product where a plan has none
+    # direction is read off directly; F need not be monotone). Every way of applying the weight
+    # runs: the quartic's E (E C), exp's E (E C) after its squarings, and exp's two-term product
+    # where a plan has no squaring
     n = 48
-    plan = log_ns.make_plan(power, 1e-3, log_ns.x_steps_for(80, n))
-    assert plan.squarings == squarings
+    plan = log_ns.make_plan(power, 1e-3, log_ns.x_steps_for(80, n), readout=readout)
+    assert plan.readout == readout and plan.squarings == squarings
     assert len(plan.steps) == 1 and len(plan.gram) >= 1  # tall: one X step, then the Gram phase
     assert plan.bound <= log_ns.FIT_TARGET * power and plan.leak <= log_ns.MAX_LEAK
     assert plan.floor == pytest.approx(log_ns.NOISE_LIFT * 1e-3) and plan.zero == pytest.approx(log_ns.NOISE_ZERO * 1e-3)
@@ -68,6 +69,8 @@ def test_power_zero_and_bad_cutoff_name_the_fix() -> None:
         log_ns.make_plan(0.125, 0.5, 1)
     with pytest.raises(ValueError, match="x_steps"):
         log_ns.make_plan(0.125, 1e-3, 0)
+    with pytest.raises(ValueError, match="readout must be one of"):
+        log_ns.make_plan(0.125, 1e-3, 1, readout="cubic")
 
 
 def test_registry_says_it_cuts_and_auto_names_it_on_tall_cuda_matrices() -> None:
@@ -104,8 +107,8 @@ def test_plan_fit_is_reproducible_and_small() -> None:
     b = log_ns._fit(0.0625, 5.4e-4, 1.35e-4, steps, gram)
     assert max(abs(u - v) for u, v in zip(a.coef, b.coef)) < 1e-9
     assert max(abs(u - v) for u, v in zip(a.cut, b.cut)) < 1e-9
-    assert max(abs(c) for c in a.coef) <= log_ns.MAX_COEF and a.squarings <= log_ns.MAX_SQUARINGS
-    assert a.bound <= log_ns.FIT_TARGET * 0.0625 and a.leak <= log_ns.MAX_LEAK
+    assert log_ns._well_posed(a) and max(abs(c) for c in a.coef) <= log_ns.MAX_COEF
+    assert a.bound <= log_ns.FIT_TARGET * 0.0625 and a.leak <= log_ns.MAX_LEAK and a.biggest <= log_ns.MAX_E
 
 
 def test_tall_plans_run_one_x_step_square_ones_three() -> None:
@@ -114,3 +117,25 @@ def test_tall_plans_run_one_x_step_square_ones_three() -> None:
     ns5 = method_cost("ns5", 5461, 2048)
     assert method_cost("log_ns", 5461, 2048) / ns5 <= 1.5
     assert method_cost("log_ns", 11008, 4096) / method_cost("ns5", 11008, 4096) <= 1.5
+
+
+def test_the_quartic_read_out_inverts_its_map_and_saves_products() -> None:
+    # L is fitted to x with ln q(x)^2 = target, q the quartic (rising above ~-3.19, where q' = 0)
+    target = torch.linspace(-2.0, 8.0, 101, dtype=torch.float64)
+    x, slope = log_ns.through_map(target, log_ns.QUARTIC)
+    assert torch.allclose(2.0 * log_ns.poly(log_ns.QUARTIC, x).log(), target, atol=1e-9)
+    assert bool((slope > 0).all()) and float(x.min()) > log_ns.rising_from(log_ns.QUARTIC)
+    assert log_ns.rising_from(log_ns.QUARTIC) == pytest.approx(-3.19214, abs=1e-4)
+    x_exp, slope_exp = log_ns.through_map(target, None)
+    assert torch.equal(x_exp, target) and bool((slope_exp == 1).all())
+    # the same schedule and fit bound as exp's at the issue's square shape, 2-3 products fewer
+    from htmuon_dist.spectral.cutoff import noise_cutoff
+
+    tau = log_ns.normalised_cutoff(noise_cutoff((2048, 2048), BF16_EPS), 2048)
+    for power in (0.0625, 0.125):
+        quartic = log_ns.make_plan(power, tau, 3)
+        exp = log_ns.make_plan(power, tau, 3, readout="exp")
+        assert (quartic.steps, quartic.gram) == (exp.steps, exp.gram)
+        assert quartic.bound <= log_ns.FIT_TARGET * power and quartic.bound <= 1.1 * exp.bound
+        count = lambda plan: sum(log_ns.plan_products(plan).values())  # noqa: E731
+        assert 2 <= count(exp) - count(quartic) <= 3, (power, count(exp), count(quartic))

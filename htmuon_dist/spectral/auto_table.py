@@ -23,12 +23,12 @@ The measurements are ``auto_table.json`` next to this file (package data), writt
    "log_ns"):
 
    * matrices at least :data:`FAST_MIN_ASPECT` times longer than wide, for p in
-     [:data:`MIN_POWER`, 1]: measured at 512x256, 1365x512 and 5461x2048 (worst 0.127), priced
-     at 1.16-1.18x bf16 NS5 at the LLaMA-1B/7B MLP shapes against 7-21x for ``eigh`` (cuSOLVER
+     [:data:`MIN_POWER`, 1]: measured at 512x256, 1365x512 and 5461x2048 (worst 0.130), priced
+     at 1.06-1.09x bf16 NS5 at the LLaMA-1B/7B MLP shapes against 7-21x for ``eigh`` (cuSOLVER
      cannot batch it);
    * near-square matrices for p >= :data:`SQUARE_MIN_POWER` (the paper's 1/8 included):
-     measured worst 0.19 at 1024x1024 and 2048x2048, priced at 2.00-2.13x NS5 against 39-67x.
-     At p = 1/16 it missed on square Marchenko-Pastur spectra (0.42-0.46: many singular values
+     measured worst 0.20 at 1024x1024 and 2048x2048, priced at 1.87-1.93x NS5 against 39-67x.
+     At p = 1/16 it missed on square Marchenko-Pastur spectra (0.44-0.46: many singular values
      near the noise cutoff), so smaller powers keep ``eigh``.
 
    Everywhere else, p = 0 included (no bar can be met there: the HTMuon update is the exact

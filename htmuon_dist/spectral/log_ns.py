@@ -20,10 +20,17 @@ Gram eigenvalues: ``T_1, T_2`` of every ``G_k`` (``G_k^2`` is computed anyway) a
 ``FINAL_DEGREE`` terms in the last one, ``G_K``:
 
     L = c_0 I + Σ_{k<K} (c_k1 T_1(Z_k) + c_k2 T_2(Z_k)) + Σ_j d_j T_j(Z_K),   Z_k = 2 G_k / ymax_k - I,
-    T = X_{k1} · (exp(L) · C(Z_K))
+    T = X_{k1} · (E (E C(Z_K))),   E = q(L)
 
-The sum costs no product. ``exp(L)`` is one Taylor polynomial by Paterson–Stockmeyer blocks, with
-scaling and squaring where ``L``'s range needs it. The fit is joint (all Gram matrices at once),
+The sum costs no product. **Read-out.** ``q`` is the degree-4 Taylor polynomial of ``e^(x/2)``
+(two products: ``U = L/2``, ``U^2``, ``U^2 (U/6 + U^2/24)``), so ``E^2 ~ exp(L)``; but ``L`` is
+fitted *through* ``q``, to ``x`` with ``2 ln q(x) = ln(σ^p / s_{k1}) - ln C`` (rows weighted by
+the log slope of ``q^2``, so the residuals are errors of ``ln F``). The map need not be close to
+``exp``, only rising and with an inverse the basis fits as well: measured, the quartic's fit is
+within 3% of ``exp``'s at 2 products against ``exp``'s 4-5 (benchmarks/lift_fit.py part 6; a
+linear ``E`` misses by ~10x, the direct fit of the ratio by ~30x). ``readout="exp"`` keeps
+``exp(L / 2)`` by Paterson–Stockmeyer Taylor blocks with scaling and squaring, for comparison
+(benchmarks/fast_ns_frontier.py's ``log_ns/exp``). The fit is joint (all Gram matrices at once),
 so the steps may fold (map distinct σ onto the same later value: the earlier Gram matrices still
 tell them apart).
 
@@ -37,13 +44,14 @@ between the two the weight falls smoothly, a soft version of the exact method's 
 floor sits at ``y >= FINAL_LOW`` and the zero point ~6x lower), fitted to 1 on the lifted band and
 0 below ``plan.zero``; ``L`` absorbs C's deviation from 1 on the band (it is fitted to
 ``ln(σ^p / s_{k1}) - ln C``). ``plan.leak`` bounds what a direction below the zero point keeps.
-``exp(L)`` is largest on the directions under the floor (up to ~e^6 on tall matrices), and one
-fp16 rounding of it as the left factor of ``exp(L) · C`` leaked that size into the kept
-directions (measured 2.4-5.2x the accuracy bar on rank-deficient inputs, also with L held flat
-under the zero point). So the product is ``E (E C)`` with ``E = exp(L / 2)`` (exp's last
-squaring, spent on C instead: no extra product), whose roundings are ~e^3 (measured 0.53x);
-plans without a squaring carry ``exp(L)`` as two fp16 terms instead (:func:`.precision.mm_split`,
-0.52x). docs/spectral.md, "log_ns", has the measurements.
+The weight is largest on the directions under the floor (``exp(L)`` up to ~e^6 on tall
+matrices), and one fp16 rounding of it as the left factor of ``exp(L) · C`` leaked that size into
+the kept directions (measured 2.4-5.2x the accuracy bar on rank-deficient inputs, also with L held
+flat under the zero point). So the product is ``E (E C)`` with ``E ~ exp(L / 2)``, whose roundings
+are ~e^3 (measured 0.53x; a plan is rejected where ``E`` exceeds MAX_E on any direction). With
+``exp``, ``E`` is exp's value before its last squaring (no extra product); ``exp`` plans without
+a squaring carry ``exp(L)`` as two fp16 terms instead (:func:`.precision.mm_split`, 0.52x).
+docs/spectral.md, "log_ns", has the measurements.
 
 **Precision.** Every product goes through :func:`.precision.mm` with float32 output. The first
 Gram matrix multiplies the input itself, scaled by a power of two: exact for bf16/fp16 data, so it
@@ -79,8 +87,8 @@ DEFAULT_DTYPE = torch.float16
 X_STEP = (3.0, -4.5, 1.8)
 # Gram-phase quadratic y -> a y - (a^2 / 4) y^2: lift a in y, largest value 1 (at y = 2 / a), so
 # it maps [0, 4 / a] into [0, 1] (values above 2 / a fold; the fit reads them off earlier Gram
-# matrices). a = 2.58 instead of 2.5 saves a Gram step at some shapes (priced 11008 x 4096:
-# 1.18x NS5 against 1.22x; 2048^2: 2.00x against 2.07x) and measured err/gap 0.127 / 0.056 /
+# matrices). a = 2.58 instead of 2.5 saves a Gram step at some shapes (with the exp read-out:
+# priced 11008 x 4096: 1.18x NS5 against 1.22x; 2048^2: 2.00x against 2.07x) and measured err/gap 0.127 / 0.056 /
 # 0.026 at 5461 x 2048 (2.5: 0.129 / 0.079 / 0.037), 0.120 / 0.058 / 0.060 at 512 x 256 (2.5:
 # 0.104 / 0.047 / 0.034). From a = 2.7 on, the fit misses its bound (the map folds more).
 GRAM_STEP = (2.58, -1.6641)
@@ -125,6 +133,16 @@ EXP_TOL = 2e-5  # truncation of the Taylor series of exp on the scaled range
 # fewer than a radius of 0.5 on most plans). Unscaled, radius 2-3.6 at degree 11-14 lost accuracy
 # in fp16 (measured err/gap 0.28-0.33 against 0.10-0.15 at 1024 x 1024, p = 1/16).
 EXP_MAX_SCALED = 1.1
+# The read-out's map from L to the weight (module docstring, "Read-out"): "quartic" is E = q(L),
+# q the degree-4 Taylor polynomial of e^(x/2), 2 products; "exp" is exp(L / 2) to EXP_TOL, 4-5
+# products. Both then apply E (E C). L is fitted through the map, so the quartic costs the fit
+# nothing (benchmarks/lift_fit.py part 6).
+READOUTS = ("quartic", "exp")
+DEFAULT_READOUT = "quartic"
+QUARTIC = tuple(1.0 / (2.0**j * math.factorial(j)) for j in range(5))  # q(x) = Σ_j QUARTIC[j] x^j
+# The largest E on any direction (~e^4): accepted tall plans reach 45 (exp's reached 35), measured
+# within the bar (docs/spectral.md, "log_ns")
+MAX_E = 60.0
 MIN_TAU = 1e-5  # an explicit rtol smaller than this is cut here (16-bit data never needs it)
 MAX_TAU = 0.05
 
@@ -136,11 +154,12 @@ class Plan:
     steps: the X phase's ``(a, b, c)`` quintics (k1 >= 1); gram: the Gram phase's ``(a, b)``
     quadratics (k2); ``ymax``: the Chebyshev interval ``[0, ymax_k]`` of each ``G_0..G_K``
     (K = k1 + k2); ``coef``: ``c_0``, then ``(c_k1, c_k2)`` for k < K, then the ``FINAL_DEGREE``
-    coefficients of ``Z_K``; ``center``/``squarings``/``taylor``: ``exp(L) = e^center (Σ_j
-    (L - center)^j / (2^s)^j / j!)^(2^s)``; ``bound``: max |ln(F(σ)/σ^p)| over ``σ in [floor,
-    1]`` in exact arithmetic; ``zero``: every σ below it maps to ~0; ``cut``: Chebyshev
-    coefficients of the cut factor C in ``Z_K``; ``leak``: max ``|F(σ)| / floor^p`` over ``σ in
-    [0, zero]``.
+    coefficients of ``Z_K``; ``center``/``squarings``/``taylor``: with ``readout="exp"``,
+    ``exp(L) = e^center (Σ_j (L - center)^j / (2^s)^j / j!)^(2^s)`` (the quartic: 0, 0, 4);
+    ``bound``: max |ln(F(σ)/σ^p)| over ``σ in [floor, 1]`` in exact arithmetic; ``zero``: every σ
+    below it maps to ~0; ``cut``: Chebyshev coefficients of the cut factor C in ``Z_K``; ``leak``:
+    max ``|F(σ)| / floor^p`` over ``σ in [0, zero]``; ``readout``: ``"quartic"`` or ``"exp"``
+    (module docstring); ``biggest``: the largest ``|E|`` on any direction in [0, 1].
     """
 
     power: float
@@ -156,6 +175,8 @@ class Plan:
     zero: float
     cut: tuple[float, ...]
     leak: float
+    readout: str
+    biggest: float
 
 
 def _trajectory(steps, sigma: torch.Tensor) -> list[torch.Tensor]:
@@ -207,10 +228,62 @@ def _exp_plan(lo: float, hi: float) -> tuple[float, int, int]:
     return center, best[1], best[2]
 
 
+def poly(coefs, x: torch.Tensor) -> torch.Tensor:
+    """Σ_j coefs[j] x^j (float64, host)."""
+    return sum(c * x**j for j, c in enumerate(coefs))
+
+
+def _bisect(rising, target: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """x in [lo, hi] with rising(x) = target, for an increasing ``rising`` (float64, host)."""
+    a, b = torch.full_like(target, lo), torch.full_like(target, hi)
+    for _ in range(100):
+        mid = 0.5 * (a + b)
+        below = rising(mid) < target
+        a, b = torch.where(below, mid, a), torch.where(below, b, mid)
+    return 0.5 * (a + b)
+
+
+def rising_from(coefs) -> float:
+    """The lowest x above which q = poly(coefs) is positive and increasing (q's largest root or
+    turning point below 0), for a q with q(0) > 0 and q'(0) > 0 (float64, host)."""
+    slope = tuple(j * c for j, c in enumerate(coefs) if j)
+    x = torch.linspace(-40.0, 0.0, 40001, dtype=torch.float64)
+    bad = (poly(coefs, x) <= 0) | (poly(slope, x) <= 0)
+    if not bool(bad.any()):
+        return -40.0
+    start = float(x[bad.nonzero().max()])
+    edge = lambda v: torch.minimum(poly(coefs, v), poly(slope, v))  # noqa: E731
+    return float(_bisect(edge, torch.zeros(1, dtype=torch.float64), start, start + 1e-3)[0])
+
+
+def through_map(target: torch.Tensor, coefs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, d ln E^2 / dx at x) with ``ln E(x)^2 = target``, E = poly(coefs), or E = e^(x/2)
+    where ``coefs`` is None: the values L is fitted to, and the row weights that make the fit's
+    residuals errors of ln F (float64, host). Targets under E's rising range get its lower end."""
+    if coefs is None:
+        return target, torch.ones_like(target)
+    slope = tuple(j * c for j, c in enumerate(coefs) if j)
+    x = _bisect(lambda v: 2.0 * poly(coefs, v).log(), target, rising_from(coefs), 60.0)
+    return x, 2.0 * poly(slope, x) / poly(coefs, x)
+
+
+def _map(readout: str):
+    """The read-out's E as Taylor coefficients in L, or None for exp."""
+    return None if readout == "exp" else QUARTIC
+
+
+def _log_weight(x: torch.Tensor, readout: str) -> torch.Tensor:
+    """ln of the weight E^2 that L = x gives: x for exp, 2 ln q(x) for the quartic (float64)."""
+    coefs = _map(readout)
+    return x if coefs is None else 2.0 * poly(coefs, x).log()
+
+
 def _fit(power: float, floor: float, zero: float, steps, gram, cut_degree: int = CUT_DEGREES[0],
-         mid_weight: float = MID_WEIGHTS[0]) -> Optional[Plan]:
-    """The plan of these steps: C fitted first, then L; None where C dips under MIN_CUT on the
-    band (float64, host)."""
+         mid_weight: float = MID_WEIGHTS[0], readout: str = DEFAULT_READOUT,
+         final_degree: int = FINAL_DEGREE) -> Optional[Plan]:
+    """The plan of these steps: C fitted first, then L (through the read-out's map, so that
+    ``ln F`` is what the fit keeps small); None where C dips under MIN_CUT on the band (float64,
+    host). ``final_degree`` other than FINAL_DEGREE: benchmarks/lift_fit.py's square search."""
     f64 = torch.float64
     band = torch.logspace(math.log10(floor), 0.0, 3000, dtype=f64)
     mid = torch.logspace(math.log10(zero), math.log10(floor), 200, dtype=f64)
@@ -234,17 +307,23 @@ def _fit(power: float, floor: float, zero: float, steps, gram, cut_degree: int =
         return None
     # L: ln(sigma^p / s_k1) - ln C on the band; its natural continuation (lightly) down to the zero point
     target_b = power * band.log() - s_b.log() - c_band.log()
-    basis_b = _basis(ys_b, ymax)
-    rows = torch.cat([basis_b, mid_weight * _basis(ys_m, ymax)])
-    rhs = torch.cat([target_b, mid_weight * (power * mid.log() - s_m.log())])
+    (x_b, w_b), (x_m, w_m) = (through_map(t, _map(readout)) for t in (target_b, power * mid.log() - s_m.log()))
+    basis_b = _basis(ys_b, ymax, final_degree)
+    rows = torch.cat([basis_b * w_b[:, None], mid_weight * _basis(ys_m, ymax, final_degree) * w_m[:, None]])
+    rhs = torch.cat([x_b * w_b, mid_weight * x_m * w_m])
     coef, _ = lawson_fit(rows, rhs, 60, ridge=FIT_RIDGE)
-    err = float((basis_b @ coef - target_b).abs().max())
-    values = _basis(ys_full, ymax) @ coef  # L on every direction, the ones under the floor included
-    center, squarings, degree = _exp_plan(float(values.min()), float(values.max()))
-    weight_low = s_l * torch.exp(_basis(ys_l, ymax) @ coef) * c_of(ys_l)
+    err = float((_log_weight(basis_b @ coef, readout) - target_b).abs().max())
+    values = _basis(ys_full, ymax, final_degree) @ coef  # L on every direction, the ones under the floor included
+    if readout == "exp":
+        center, squarings, degree = _exp_plan(float(values.min()), float(values.max()))
+        biggest = math.exp(0.5 * float(values.max()))
+    else:
+        center, squarings, degree = 0.0, 0, len(QUARTIC) - 1
+        biggest = float(poly(QUARTIC, values).abs().max())
+    weight_low = s_l * torch.exp(_log_weight(_basis(ys_l, ymax, final_degree) @ coef, readout)) * c_of(ys_l)
     leak = float(weight_low.abs().max()) / floor**power
     return Plan(float(power), float(floor), tuple(steps), tuple(gram), ymax, tuple(coef.tolist()), center,
-                squarings, degree, err, float(zero), tuple(cut.tolist()), leak)
+                squarings, degree, err, float(zero), tuple(cut.tolist()), leak, readout, biggest)
 
 
 def x_steps_for(m: int, n: int) -> int:
@@ -252,7 +331,8 @@ def x_steps_for(m: int, n: int) -> int:
     return TALL_X_STEPS if m >= TALL * n else SQUARE_X_STEPS
 
 
-def make_plan(power: float, tau: float, x_steps: int, fit_target: float = FIT_TARGET) -> Plan:
+def make_plan(power: float, tau: float, x_steps: int, fit_target: float = FIT_TARGET,
+              readout: str = DEFAULT_READOUT) -> Plan:
     """The plan for the normalised cutoff ``tau`` (:func:`normalised_cutoff`): it lifts from
     ``NOISE_LIFT tau`` and zeroes below ``NOISE_ZERO tau``. ``x_steps`` X steps
     (:func:`x_steps_for`), then the fewest Gram steps that lift the floor to FINAL_LOW with a
@@ -265,11 +345,13 @@ def make_plan(power: float, tau: float, x_steps: int, fit_target: float = FIT_TA
         raise ValueError(f"log_ns: tau (the cutoff over ||M||_F) must be in [{MIN_TAU}, {MAX_TAU}], got {tau}")
     if not 1 <= x_steps <= MAX_X_STEPS:
         raise ValueError(f"log_ns: x_steps must be in [1, {MAX_X_STEPS}], got {x_steps}")
-    return _plan(float(power), float(tau), int(x_steps), float(fit_target))
+    if readout not in READOUTS:
+        raise ValueError(f"log_ns: readout must be one of {READOUTS}, got {readout!r}")
+    return _plan(float(power), float(tau), int(x_steps), float(fit_target), readout)
 
 
 @lru_cache(maxsize=256)
-def _plan(power: float, tau: float, x_steps: int, fit_target: float) -> Plan:
+def _plan(power: float, tau: float, x_steps: int, fit_target: float, readout: str) -> Plan:
     floor, zero = NOISE_LIFT * tau, NOISE_ZERO * tau
     best = None
     for k1 in range(x_steps, MAX_X_STEPS + 1):
@@ -282,7 +364,7 @@ def _plan(power: float, tau: float, x_steps: int, fit_target: float) -> Plan:
             usable = []
             for degree in CUT_DEGREES:
                 for weight in MID_WEIGHTS:
-                    plan = _fit(power, floor, zero, steps, gram, degree, weight)
+                    plan = _fit(power, floor, zero, steps, gram, degree, weight, readout)
                     if plan is None or not _well_posed(plan):
                         continue
                     if plan.bound <= fit_target * power:
@@ -297,17 +379,19 @@ def _plan(power: float, tau: float, x_steps: int, fit_target: float) -> Plan:
 
 
 def _well_posed(plan: Plan) -> bool:
-    """A fit whose coefficients stay small (rounding of each term is not amplified), whose L
-    stays in a range exp covers in a few squarings on every direction, those under the floor
-    included, and whose cut keeps at most MAX_LEAK under the zero point. Long Gram phases from
+    """A fit whose coefficients stay small (rounding of each term is not amplified), whose E
+    stays at most MAX_E (the quartic) or whose L stays in a range exp covers in a few squarings
+    (exp) on every direction, those under the floor included, and whose cut keeps at most
+    MAX_LEAK under the zero point. Long Gram phases from
     a low floor can fail this (near-collinear columns)."""
-    return (max(abs(c) for c in plan.coef) <= MAX_COEF and plan.squarings <= MAX_SQUARINGS
-            and plan.leak <= MAX_LEAK)
+    fits_map = plan.squarings <= MAX_SQUARINGS if plan.readout == "exp" else plan.biggest <= MAX_E
+    return max(abs(c) for c in plan.coef) <= MAX_COEF and fits_map and plan.leak <= MAX_LEAK
 
 
-def plan_for(power: float, rtol: float, m: int, n: int, fit_target: float = FIT_TARGET) -> Plan:
+def plan_for(power: float, rtol: float, m: int, n: int, fit_target: float = FIT_TARGET,
+             readout: str = DEFAULT_READOUT) -> Plan:
     """The plan for (m, n) matrices, m >= n, under the resolved cutoff ``rtol``."""
-    return make_plan(float(power), normalised_cutoff(rtol, n), x_steps_for(m, n), fit_target)
+    return make_plan(float(power), normalised_cutoff(rtol, n), x_steps_for(m, n), fit_target, readout)
 
 
 def normalised_cutoff(rtol: float, n: int) -> float:
@@ -354,7 +438,10 @@ def _expm(l: torch.Tensor, plan: Plan, eye: torch.Tensor, dtype: torch.dtype, sq
     return out * math.exp(plan.center / 2 ** (plan.squarings - squarings))
 
 
-_CUT_K = chebyshev.baby_degree(FINAL_DEGREE)  # the cut series shares the final series' T_2..T_k
+def series_degree(plan: Plan) -> int:
+    """The Chebyshev degree of the plan's last Gram series (FINAL_DEGREE unless fitted otherwise):
+    ``coef`` holds 1 + 2 K + degree terms for K + 1 Gram matrices."""
+    return len(plan.coef) - 1 - 2 * (len(plan.ymax) - 1)
 
 
 def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) -> torch.Tensor:
@@ -415,8 +502,13 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
     basis: list = []
     lmat = lmat + chebyshev.matrix_series((0.0,) + coef[pos:], z, eye, mm, t2=t2, basis=basis)
     lmat = 0.5 * (lmat + lmat.mT)
-    cut = chebyshev.matrix_series(plan.cut, z, eye, mm, t2=t2, k=_CUT_K, basis=basis)
-    if plan.squarings >= 1:  # E (E C) with E = exp(L / 2): E's rounding is ~e^(max L / 2), not e^(max L)
+    cut = chebyshev.matrix_series(plan.cut, z, eye, mm, t2=t2, k=chebyshev.baby_degree(series_degree(plan)), basis=basis)
+    if plan.readout == "quartic":  # E (E C) with E = q(L) ~ e^(L / 2): E's rounding is ~max E, not its square
+        u = 0.5 * lmat
+        u2 = mm(u, u)
+        half = (eye + u + 0.5 * u2) + mm(u2, u / 6.0 + u2 / 24.0)
+        weight = mm(half, mm(half, cut))
+    elif plan.squarings >= 1:  # E (E C) with E = exp(L / 2): E's rounding is ~e^(max L / 2), not e^(max L)
         half = _expm(lmat, plan, eye, dtype, plan.squarings - 1)
         weight = mm(half, mm(half, cut))
     else:
@@ -446,11 +538,14 @@ def plan_products(plan: Plan) -> dict[str, int]:
     """Products of one matrix by kind: ``"mn2"`` (the Gram X^T X or X·W: 2 m n^2 FLOPs each)
     and ``"n3"`` (n x n by n x n: 2 n^3 FLOPs each)."""
     k1, k2 = len(plan.steps), len(plan.gram)
-    mn2 = 2 * k1 + 2  # G_k and X_{k+1} per X step, G_{k1}, the final X_{k1} exp(L) C
-    n3 = k1 + k2 + 1 + chebyshev.products(FINAL_DEGREE, t2_given=True)  # every G_k^2; the last series
-    n3 += _exp_products(plan.squarings, plan.taylor)  # exp(L)
-    n3 += chebyshev.products(len(plan.cut) - 1, _CUT_K, basis_given=True) + 1  # C; E (E C) for E E
-    n3 += 1 if plan.squarings == 0 else 0  # exp(L) C in two terms
+    degree = series_degree(plan)
+    mn2 = 2 * k1 + 2  # G_k and X_{k+1} per X step, G_{k1}, the final X_{k1} W
+    n3 = k1 + k2 + 1 + chebyshev.products(degree, t2_given=True)  # every G_k^2; the last series
+    n3 += chebyshev.products(len(plan.cut) - 1, chebyshev.baby_degree(degree), basis_given=True)  # C
+    if plan.readout == "quartic":
+        n3 += 2 + 2  # E = q(L): u^2, u^2 (..); then E C, E (E C)
+    else:  # exp(L / 2) is exp(L) less one squaring, then E C, E (E C); exp(L) C in two terms
+        n3 += _exp_products(plan.squarings, plan.taylor) + (1 if plan.squarings >= 1 else 2)
     return {"mn2": mn2, "n3": n3}
 
 

@@ -355,8 +355,8 @@ def momentum_dtype_note(t: TrainArguments, device_type: str) -> Optional[str]:
             or t.param_dtype == "bf16" or t.comm_dtype == "bf16"):
         return None
     return (f"note: --spectral_method {t.spectral_method} sees fp32 momentum here, so its fp16 products cut at "
-            "fp16's noise rule and plan longer lifts (log_ns: priced 1.42-1.58x NS5 at the LLaMA MLP shapes, "
-            "against 1.16-1.18x on bf16 momentum); --comm_dtype bf16 exchanges bf16 momentum "
+            "fp16's noise rule and plan longer lifts (log_ns: priced 1.33-1.49x NS5 at the LLaMA MLP shapes, "
+            "against 1.06-1.09x on bf16 momentum); --comm_dtype bf16 exchanges bf16 momentum "
             "(docs/spectral.md, \"Momentum dtype\")")
 
 

@@ -9,8 +9,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import functional as F
-from .distributed.backends import zero
-from .matrix_views import matrix_windows
+from .matrix_views import logical_shape, matrix_windows
 from .spectral import check_power, get_method, validate_power
 
 HTMUON_KEYS = (
@@ -50,7 +49,7 @@ def param_list(params: Any) -> list[torch.Tensor]:
 
 def ndim(p: torch.Tensor) -> int:
     """Dimensions of the parameter's real shape (DeepSpeed ZeRO-3 partitions report 1-D)."""
-    return len(zero.logical_shape(p))
+    return len(logical_shape(p))
 
 
 def split_group(group: dict) -> list[dict]:
@@ -166,7 +165,7 @@ def check_windows(group: dict, params: Sequence[torch.Tensor], names: Sequence[s
     if group["row_blocks"] is not None:
         group["row_blocks"] = tuple(int(b) for b in group["row_blocks"])
     for p, name in zip(params, names):
-        shape = zero.logical_shape(p)
+        shape = logical_shape(p)
         if len(shape) >= 2:
             matrix_windows(shape, group["stack_dims"], group["row_blocks"], name)
 

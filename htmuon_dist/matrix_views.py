@@ -23,7 +23,16 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-__all__ = ["MatrixWindow", "auto_stack_dims", "head_blocks", "matrix_windows", "resolve_stack_dims"]
+import torch
+
+__all__ = ["MatrixWindow", "auto_stack_dims", "head_blocks", "logical_shape", "matrix_windows", "resolve_stack_dims"]
+
+
+def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's real shape: under DeepSpeed ZeRO-3 (``zero.Init``) a partitioned
+    parameter reports ``torch.Size([0])`` and keeps its shape in ``ds_shape``."""
+    ds_shape = getattr(p, "ds_shape", None)
+    return tuple(p.shape) if ds_shape is None else tuple(ds_shape)
 
 
 @dataclass(frozen=True)

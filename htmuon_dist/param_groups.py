@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .matrix_views import auto_stack_dims, head_blocks
+from .matrix_views import auto_stack_dims, head_blocks, logical_shape
 
 CONVENTIONS = ("muon", "reference")
 ROUTER_CHOICES = ("adamw", "htmuon")
@@ -144,8 +144,7 @@ def param_groups(
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            # ds_shape: under DeepSpeed zero.Init a partitioned parameter reports a 1-D shape.
-            shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+            shape = logical_shape(p)
             is_bias = pname == "bias" or pname.endswith("_bias")
             to_adamw = (len(shape) < 2 or id(p) in excluded or is_bias
                         or (router == "adamw" and _is_router(mname, module)))

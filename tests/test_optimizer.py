@@ -161,6 +161,22 @@ def test_routing_and_param_group_conventions():
         param_groups(model, "adam")
 
 
+def test_param_groups_route_zero3_partitioned_parameters_by_their_real_shape():
+    # under DeepSpeed zero.Init a partitioned parameter is empty and keeps its shape in ds_shape;
+    # routing (and every other reader, through matrix_views.logical_shape) must use that shape
+    from htmuon_dist.matrix_views import logical_shape
+
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(4, 8, bias=True)
+    for p, real in ((model.proj.weight, (8, 4)), (model.proj.bias, (8,))):
+        p.data = torch.empty(0)
+        p.ds_shape = torch.Size(real)
+    assert logical_shape(model.proj.weight) == (8, 4) and logical_shape(torch.zeros(2, 3)) == (2, 3)
+    groups = param_groups(model, "reference")
+    assert groups[0]["htmuon"] and groups[0]["param_names"] == ["proj.weight"]
+    assert groups[1]["param_names"] == ["proj.bias"]
+
+
 def test_tiny_llama_loss_falls_over_50_steps():
     model = tiny_llama(seed=0)
     opt = HTMuon(param_groups(model), lr=0.02, adamw_lr=3e-3)

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..matrix_views import matrix_windows
+from ..matrix_views import logical_shape, matrix_windows
 from ..spectral import get_method
 from .backends import describe_params, zero
 from .engine import ExchangeEngine, SpectralSpec
@@ -102,7 +102,7 @@ def _windows(matrices: list[MatrixEntry], placements, group, fsdp1_registry: dic
     out_m, out_p = [], []
     for e, placement in zip(matrices, placements):
         flat = fsdp1_registry.get(id(e.param))  # FSDP1 views are 1-D: the original shape
-        shape = flat.shape if flat is not None else zero.logical_shape(e.origin if e.origin is not None else e.param)
+        shape = flat.shape if flat is not None else logical_shape(e.origin if e.origin is not None else e.param)
         windows = matrix_windows(shape, e.group["stack_dims"], e.group["row_blocks"], e.name)
         split = split_placement(placement, windows, rank, e.name)
         multi = any(not isinstance(pl.local_range[0], int) for pl in split)

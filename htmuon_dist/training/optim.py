@@ -43,8 +43,7 @@ def matrix_shape_counts(model: nn.Module, matrices: set[str],
     """(rows, cols) -> how many independent matrices of that shape HTMuon orthogonalises: every
     routed parameter cut by its ``splits`` keys (expert stacks per expert, fused projections
     per block). Read on the unwrapped model (a ZeRO-3 partitioned parameter by its ``ds_shape``)."""
-    from htmuon_dist.distributed.backends.zero import logical_shape
-    from htmuon_dist.matrix_views import matrix_windows
+    from htmuon_dist.matrix_views import logical_shape, matrix_windows
 
     splits = splits or {}
     counts: dict[tuple[int, int], int] = {}

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ...matrix_views import logical_shape
 from .common import MatrixPlacement, matrix_shape
 
 _OFFLOAD_MSG = (
@@ -37,12 +38,6 @@ _OFFLOAD_MSG = (
 def is_zero_param(p: torch.Tensor) -> bool:
     """Whether DeepSpeed ZeRO (any stage) or its BF16 optimizer has taken ``p`` over."""
     return hasattr(p, "_hp_mapping") or hasattr(p, "_z3_optimizer") or hasattr(p, "ds_id")
-
-
-def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The parameter's real shape (ZeRO-3 partitioned parameters report ``torch.Size([0])``)."""
-    ds_shape = getattr(p, "ds_shape", None)
-    return tuple(p.shape) if ds_shape is None else tuple(ds_shape)
 
 
 def check_not_tagged(params: Sequence[torch.Tensor], names: Sequence[str]) -> None:

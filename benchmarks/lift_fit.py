@@ -235,9 +235,7 @@ def readout_map_errors(floor: float, gram_steps: int, powers=(1 / 16, 1 / 8, 1 /
         for name, (coefs, _) in READOUT_MAPS.items():
             x, slope = log_ns.through_map(target, coefs)
             coef, _ = lawson_fit(basis * slope[:, None], x * slope, 60, ridge=log_ns.FIT_RIDGE)
-            got = basis @ coef
-            log_f = got if coefs is None else 2.0 * log_ns.poly(coefs, got).log()
-            errors[name].append(float((log_f - target).abs().max()) / power)
+            errors[name].append(float((log_ns.log_weight(basis @ coef, coefs) - target).abs().max()) / power)
     return errors
 
 

@@ -23,7 +23,7 @@ Gram eigenvalues: ``T_1, T_2`` of every ``G_k`` (``G_k^2`` is computed anyway) a
     T = X_{k1} · (E (E C(Z_K))),   E = q(L)
 
 The sum costs no product. **Read-out.** ``q`` is the degree-4 Taylor polynomial of ``e^(x/2)``
-(two products: ``U = L/2``, ``U^2``, ``U^2 (U/6 + U^2/24)``), so ``E^2 ~ exp(L)``; but ``L`` is
+(two products: ``L^2``, then ``L^2 (c_3 L + c_4 L^2)``), so ``E^2 ~ exp(L)``; but ``L`` is
 fitted *through* ``q``, to ``x`` with ``2 ln q(x) = ln(σ^p / s_{k1}) - ln C`` (rows weighted by
 the log slope of ``q^2``, so the residuals are errors of ``ln F``). The map need not be close to
 ``exp``, only rising and with an inverse the basis fits as well: measured, the quartic's fit is
@@ -243,7 +243,8 @@ def _bisect(rising, target: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return 0.5 * (a + b)
 
 
-def rising_from(coefs) -> float:
+@lru_cache(maxsize=8)
+def rising_from(coefs: tuple[float, ...]) -> float:
     """The lowest x above which q = poly(coefs) is positive and increasing (q's largest root or
     turning point below 0), for a q with q(0) > 0 and q'(0) > 0 (float64, host)."""
     slope = tuple(j * c for j, c in enumerate(coefs) if j)
@@ -272,9 +273,9 @@ def _map(readout: str):
     return None if readout == "exp" else QUARTIC
 
 
-def _log_weight(x: torch.Tensor, readout: str) -> torch.Tensor:
-    """ln of the weight E^2 that L = x gives: x for exp, 2 ln q(x) for the quartic (float64)."""
-    coefs = _map(readout)
+def log_weight(x: torch.Tensor, coefs) -> torch.Tensor:
+    """ln of the weight E^2 that L = x gives, E = poly(coefs), or E = e^(x/2) where ``coefs`` is
+    None (float64, host)."""
     return x if coefs is None else 2.0 * poly(coefs, x).log()
 
 
@@ -307,20 +308,21 @@ def _fit(power: float, floor: float, zero: float, steps, gram, cut_degree: int =
         return None
     # L: ln(sigma^p / s_k1) - ln C on the band; its natural continuation (lightly) down to the zero point
     target_b = power * band.log() - s_b.log() - c_band.log()
-    (x_b, w_b), (x_m, w_m) = (through_map(t, _map(readout)) for t in (target_b, power * mid.log() - s_m.log()))
+    coefs = _map(readout)
+    (x_b, w_b), (x_m, w_m) = (through_map(t, coefs) for t in (target_b, power * mid.log() - s_m.log()))
     basis_b = _basis(ys_b, ymax, final_degree)
     rows = torch.cat([basis_b * w_b[:, None], mid_weight * _basis(ys_m, ymax, final_degree) * w_m[:, None]])
     rhs = torch.cat([x_b * w_b, mid_weight * x_m * w_m])
     coef, _ = lawson_fit(rows, rhs, 60, ridge=FIT_RIDGE)
-    err = float((_log_weight(basis_b @ coef, readout) - target_b).abs().max())
+    err = float((log_weight(basis_b @ coef, coefs) - target_b).abs().max())
     values = _basis(ys_full, ymax, final_degree) @ coef  # L on every direction, the ones under the floor included
     if readout == "exp":
         center, squarings, degree = _exp_plan(float(values.min()), float(values.max()))
         biggest = math.exp(0.5 * float(values.max()))
     else:
         center, squarings, degree = 0.0, 0, len(QUARTIC) - 1
-        biggest = float(poly(QUARTIC, values).abs().max())
-    weight_low = s_l * torch.exp(_log_weight(_basis(ys_l, ymax, final_degree) @ coef, readout)) * c_of(ys_l)
+        biggest = float(poly(coefs, values).abs().max())
+    weight_low = s_l * torch.exp(log_weight(_basis(ys_l, ymax, final_degree) @ coef, coefs)) * c_of(ys_l)
     leak = float(weight_low.abs().max()) / floor**power
     return Plan(float(power), float(floor), tuple(steps), tuple(gram), ymax, tuple(coef.tolist()), center,
                 squarings, degree, err, float(zero), tuple(cut.tolist()), leak, readout, biggest)
@@ -504,9 +506,9 @@ def run_plan(x: torch.Tensor, plan: Plan, dtype: torch.dtype = DEFAULT_DTYPE) ->
     lmat = 0.5 * (lmat + lmat.mT)
     cut = chebyshev.matrix_series(plan.cut, z, eye, mm, t2=t2, k=chebyshev.baby_degree(series_degree(plan)), basis=basis)
     if plan.readout == "quartic":  # E (E C) with E = q(L) ~ e^(L / 2): E's rounding is ~max E, not its square
-        u = 0.5 * lmat
-        u2 = mm(u, u)
-        half = (eye + u + 0.5 * u2) + mm(u2, u / 6.0 + u2 / 24.0)
+        c = QUARTIC
+        l2 = mm(lmat, lmat)
+        half = (c[0] * eye + c[1] * lmat + c[2] * l2) + mm(l2, c[3] * lmat + c[4] * l2)
         weight = mm(half, mm(half, cut))
     elif plan.squarings >= 1:  # E (E C) with E = exp(L / 2): E's rounding is ~e^(max L / 2), not e^(max L)
         half = _expm(lmat, plan, eye, dtype, plan.squarings - 1)
@@ -560,7 +562,7 @@ def log_ns_workspace(m: int, n: int) -> float:
     """Bytes beyond input and output: the float32 input copy and X_k with its next value (3 x
     4mn), one operand's 16-bit copy and its float32 widening on the CPU (2mn + 4mn), and ~16
     float32 (n, n) matrices (G, G^2, Z, T_j, L, exp's powers and blocks, C, exp(L)'s two terms;
-    the quartic read-out needs fewer: U, U^2, E, E C)."""
+    the quartic read-out needs fewer: L^2, E, E C)."""
     return 18.0 * m * n + 64.0 * n * n
 
 

@@ -28,22 +28,32 @@ from .config import Config, ConfigError, TrainArguments, resolve, size_key
 from .data import TokenStream, eval_batches, load_documents, load_tokenizer
 from .memory import malloc_trim, mmap_threshold_for, set_mmap_threshold
 from .metrics import MetricsWriter, plot_losses
-from .model import build_model, count_parameters, describe, export_pretrained, load_llama_config, materialize
+from .model import build_model, count_parameters, describe, export_pretrained, init_weights_, load_llama_config, materialize
 from .optim import build_optimizer, build_scheduler, matrix_names, matrix_shape_counts, matrix_splits
 from .preemption import PREEMPTED_EXIT, PreemptionWatch, process_group_kwargs, write_marker
 from .step_batches import StepBatches
 from .parallel import apply_fsdp1, apply_fsdp2, clip_grad_norm, detect_strategy, set_gradient_sync
 
 
-def _htmuon_of(optimizer: Any) -> Any:
-    """The HTMuon inside Accelerate's / DeepSpeed's optimizer wrappers, or None (AdamW)."""
+def _client_optimizer(optimizer: Any) -> Any:
+    """The optimizer the trainer built (HTMuon or AdamW) inside Accelerate's and DeepSpeed's
+    wrappers (each keeps the one it wraps as ``.optimizer``)."""
     from htmuon_dist import HTMuon
 
     for _ in range(4):
-        if isinstance(optimizer, HTMuon):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(optimizer, HTMuon) or inner is None:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _htmuon_of(optimizer: Any) -> Any:
+    """The HTMuon inside the wrappers, or None (AdamW)."""
+    from htmuon_dist import HTMuon
+
+    inner = _client_optimizer(optimizer)
+    return inner if isinstance(inner, HTMuon) else None
 
 
 def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
@@ -190,9 +200,12 @@ def setup_runtime(cfg: Config) -> Runtime:
     # FSDP is applied by us (parallel.py): hide the accelerate config's FSDP flag so Accelerate
     # builds a plain DDP-style state (its FSDP plugin would refuse the CPU or wrap the model).
     with _without_env("ACCELERATE_USE_FSDP", strategy in ("fsdp1", "fsdp2", "none")):
-        accelerator = Accelerator(cpu=not cuda, mixed_precision=accel_mp,
+        # DeepSpeed on the CPU (DS_ACCELERATOR=cpu): Accelerator(cpu=True) would build no
+        # DeepSpeed state, and without a backend Accelerate counts one process per rank.
+        ds_cpu = strategy == "deepspeed" and not cuda
+        accelerator = Accelerator(cpu=not cuda and not ds_cpu, mixed_precision=accel_mp,
                                   gradient_accumulation_steps=accum if strategy == "deepspeed" else 1,
-                                  kwargs_handlers=process_group_kwargs(t.dist_timeout_s))
+                                  kwargs_handlers=process_group_kwargs(t.dist_timeout_s, "gloo" if ds_cpu else None))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if world != world_env:
         raise RuntimeError(f"WORLD_SIZE={world_env} but Accelerate sees {world} processes")
@@ -235,7 +248,9 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
     shapes = matrix_shape_counts(model, routed, splits) if t.optimizer != "adamw" and t.spectral_method == "auto" else {}
     std = model_cfg.initializer_range
     if strategy == "deepspeed":
-        pass  # ZeRO-3 may have partitioned the parameters at construction: keep HF's N(0, std) init
+        # The same per-name init as every other backend (ZeRO-3 may have partitioned the
+        # parameters at construction: gathered a module at a time); DeepSpeed places them.
+        init_weights_(model, t.seed, std, zero3=any(hasattr(p, "ds_id") for p in model.parameters()))
     elif strategy == "fsdp2":
         reshard = t.fsdp_reshard_after_forward
         if reshard is None:
@@ -401,7 +416,7 @@ class StepResult:
 
     loss_sum: torch.Tensor  # this rank's summed token losses (fp64, 0-d)
     global_targets: int  # target tokens of the step over all ranks (counted ahead, StepBatches)
-    grad_norm: Optional[torch.Tensor]
+    grad_norm: Optional[torch.Tensor | float]  # DeepSpeed's engine reports a float
 
 
 def train_step(rt: Runtime, built: Built, batches: StepBatches, step: int) -> StepResult:
@@ -416,6 +431,10 @@ def train_step(rt: Runtime, built: Built, batches: StepBatches, step: int) -> St
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if strategy == "deepspeed":
+            # Accelerate's backward marks the engine's accumulation boundary (and steps it) from
+            # this flag, which would otherwise stay True: a DeepSpeed step per micro-batch.
+            rt.accelerator.sync_gradients = i == accum - 1
         with set_gradient_sync(model, strategy, i == accum - 1):
             with rt.autocast():
                 loss, _ = token_loss_sum(model, batch, packed)
@@ -423,7 +442,10 @@ def train_step(rt: Runtime, built: Built, batches: StepBatches, step: int) -> St
             scaled = faults.poison_loss(scaled, step)
             rt.accelerator.backward(scaled)
         loss_sum += loss.detach().double()
-    grad_norm = clip_grad_norm(model, strategy, rt.cfg.train.grad_clip) if strategy != "deepspeed" else None
+    if strategy == "deepspeed":  # the engine clipped in backward's engine.step(); its pre-clip norm
+        grad_norm = model.get_global_grad_norm()
+    else:
+        grad_norm = clip_grad_norm(model, strategy, rt.cfg.train.grad_clip)
     optimizer.step()
     built.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -561,7 +583,7 @@ def finish(rt: Runtime, built: Built, data: DataPlan, progress: Progress, writer
         "tokens_per_s": (tokens - start[1]) / max(train_s, 1e-9) if steps_run else None,
         "params": built.n_params, "optimizer": t.optimizer, "strategy": rt.strategy, "world_size": rt.world,
         "param_tensors": built.param_kinds["tensors"], "dtensor_params": built.param_kinds["dtensors"],
-        "optimizer_class": type(getattr(built.optimizer, "optimizer", built.optimizer)).__name__,
+        "optimizer_class": type(_client_optimizer(built.optimizer)).__name__,
         "param_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in built.model.parameters()}),
         "skipped_steps": progress.skipped_steps, "preempted_by": progress.preempted_by,
     }

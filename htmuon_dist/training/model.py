@@ -130,41 +130,60 @@ def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
 
 
 @torch.no_grad()
-def init_weights_(model: nn.Module, seed: int, std: float) -> None:
+def init_weights_(model: nn.Module, seed: int, std: float, zero3: bool = False) -> None:
     """LLaMA init: Linear/Embedding weights ~ N(0, std), biases 0, RMSNorm gains 1.
 
-    Works on plain tensors and on DTensor shards (FSDP2): the full tensor is drawn on the
-    parameter's device from a per-name generator and each rank keeps its piece, so the result
-    does not depend on the world size. Peak extra memory is one full parameter.
+    Works on plain tensors, on DTensor shards (FSDP2) and, with ``zero3``, on parameters that
+    DeepSpeed ZeRO-3 partitioned at construction: the full tensor is drawn on the parameter's
+    device from a per-name generator and each rank keeps its piece, so the result does not
+    depend on the world size or the sharding backend. Peak extra memory is one module's
+    parameters (ZeRO-3 gathers them one module at a time; every rank draws the same values and
+    rank 0's are kept).
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from contextlib import nullcontext
 
     for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            full_name = f"{module_name}.{pname}" if module_name else pname
-            kind = type(module).__name__
-            if kind.endswith("RMSNorm") and pname == "weight":
-                fill = 1.0
-            elif isinstance(module, (nn.Linear, nn.Embedding)) and pname == "weight":
-                fill = None
-            elif kind.endswith("Experts") or (kind.endswith("Router") and pname == "weight"):
-                fill = None  # MoE expert stacks (E, ., .) and the router (E, h): N(0, std) like a Linear
-            elif pname == "bias":
-                fill = 0.0
-            else:
-                raise RuntimeError(f"init_weights_: do not know how to initialise {full_name} ({kind})")
-            device = p.device
-            if fill is not None:
-                (p.to_local() if isinstance(p, DTensor) else p).fill_(fill)
-                continue
-            value = torch.empty(p.shape, dtype=torch.float32, device=device)
-            value.normal_(0.0, std, generator=_generator(seed, full_name, device))
-            if isinstance(p, DTensor):
-                # src_data_rank=None: each rank slices its own rows, no communication.
-                piece = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                p.to_local().copy_(piece)
-            else:
-                p.copy_(value)
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        gathered = nullcontext()
+        if zero3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0)
+        with gathered:
+            for pname, p in params:
+                _init_parameter(module, module_name, pname, p, seed, std)
+
+
+def _init_parameter(module: nn.Module, module_name: str, pname: str, p: nn.Parameter, seed: int, std: float) -> None:
+    """One parameter of :func:`init_weights_`, in place (a DTensor: this rank's piece)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full_name = f"{module_name}.{pname}" if module_name else pname
+    kind = type(module).__name__
+    if kind.endswith("RMSNorm") and pname == "weight":
+        fill = 1.0
+    elif isinstance(module, (nn.Linear, nn.Embedding)) and pname == "weight":
+        fill = None
+    elif kind.endswith("Experts") or (kind.endswith("Router") and pname == "weight"):
+        fill = None  # MoE expert stacks (E, ., .) and the router (E, h): N(0, std) like a Linear
+    elif pname == "bias":
+        fill = 0.0
+    else:
+        raise RuntimeError(f"init_weights_: do not know how to initialise {full_name} ({kind})")
+    device = p.device
+    if fill is not None:
+        (p.to_local() if isinstance(p, DTensor) else p).fill_(fill)
+        return
+    value = torch.empty(p.shape, dtype=torch.float32, device=device)
+    value.normal_(0.0, std, generator=_generator(seed, full_name, device))
+    if isinstance(p, DTensor):
+        # src_data_rank=None: each rank slices its own rows, no communication.
+        piece = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        p.to_local().copy_(piece)
+    else:
+        p.copy_(value)
 
 
 def build_model(cfg, on_meta: bool, activation_checkpointing: bool, zero3_aware: bool = False) -> nn.Module:

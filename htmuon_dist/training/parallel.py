@@ -8,8 +8,9 @@ applied here, by us, on every device: ``fully_shard`` (FSDP2) or
 Accelerate initialised. One code path runs on a laptop and on a cluster, the CPU tests cover
 it, and big models are built on the meta device and materialised shard by shard.
 
-DDP and DeepSpeed go through ``accelerator.prepare`` as usual (Accelerate handles both on the
-CPU and GPU respectively).
+DDP and DeepSpeed go through ``accelerator.prepare`` as usual. DeepSpeed on the CPU
+(``DS_ACCELERATOR=cpu`` with configs/accelerate/deepspeed_zero*.yaml) gets a gloo group from the
+trainer (see ``loop.setup_runtime``): Accelerate's ``cpu=True`` would build no DeepSpeed state.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def detect_strategy(requested: str, world_size: int) -> str:
         strategy = "ddp" if world_size > 1 else "none"
     if strategy == "deepspeed" and not torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
         raise ConfigError(
-            "DeepSpeed needs a GPU (or DS_ACCELERATOR=cpu with DeepSpeed's CPU build); on this "
-            "machine use configs/accelerate/cpu_fsdp2.yaml or cpu_ddp.yaml"
+            "DeepSpeed needs a GPU or DeepSpeed's CPU accelerator: on this machine set "
+            "DS_ACCELERATOR=cpu (with configs/accelerate/deepspeed_zero{1,2,3}.yaml and "
+            "--num_processes 2), or use configs/accelerate/cpu_fsdp2.yaml or cpu_ddp.yaml"
         )
     return strategy
 

@@ -103,9 +103,10 @@ def write_marker(output_dir: Path, step: int, signal_name: str) -> None:
         os.fsync(f.fileno())
 
 
-def process_group_kwargs(timeout_s: int) -> list:
-    """Accelerate handlers that set the process-group timeout; Accelerate passes them to
-    ``torch.distributed.init_process_group`` and to ``deepspeed.init_distributed`` alike."""
+def process_group_kwargs(timeout_s: int, backend: Optional[str] = None) -> list:
+    """Accelerate handlers that set the process-group timeout (and ``backend``, None: the
+    device's default); Accelerate passes them to ``torch.distributed.init_process_group`` and
+    to ``deepspeed.init_distributed`` alike."""
     from accelerate.utils import InitProcessGroupKwargs
 
-    return [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=int(timeout_s)))]
+    return [InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=int(timeout_s)))]

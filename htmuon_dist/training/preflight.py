@@ -22,7 +22,7 @@ CPU_CONFIGS = {
     "fsdp2": "configs/accelerate/cpu_fsdp2.yaml",
     "fsdp1": "configs/accelerate/cpu_fsdp1.yaml",
     "ddp": "configs/accelerate/cpu_ddp.yaml",
-    "deepspeed": "configs/accelerate/cpu_fsdp2.yaml",
+    "deepspeed": "configs/accelerate/cpu_fsdp2.yaml",  # or the same config with DS_ACCELERATOR=cpu
 }
 GPU_PRECISIONS = ("bf16", "fp16", "fp8")
 
@@ -118,15 +118,16 @@ def check_devices(
     cpu = CPU_CONFIGS[requested_strategy(env)]
     visible = env.get("CUDA_VISIBLE_DEVICES")
     hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    tail = ", or pass --allow_cpu true to run on the CPU on purpose"
     if config_file and Path(config_file).name.startswith("cpu_"):
         # a CPU config with a GPU override on the launch line (accelerate launch --mixed_precision bf16)
         fix = "launch it without --mixed_precision bf16 (the CPU configs say 'no')"
+    elif reason.startswith("DeepSpeed"):
+        fix = f"set DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator, gloo) or use --config_file {cpu}"
+        tail = ""  # --allow_cpu cannot help: DeepSpeed must be told its accelerator
     else:
         fix = f"use --config_file {cpu}"
-    raise NoGPUError(
-        f"{what} asks for GPUs ({reason}) but no CUDA device is visible{hint}; on this machine "
-        f"{fix}, or pass --allow_cpu true to run on the CPU on purpose"
-    )
+    raise NoGPUError(f"{what} asks for GPUs ({reason}) but no CUDA device is visible{hint}; on this machine {fix}{tail}")
 
 
 def require_cuda(device: str, allow_cpu: bool = False, option: str = "--device",

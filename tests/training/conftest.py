@@ -47,15 +47,18 @@ def env_for(cache: Path) -> dict[str, str]:
 
 
 def launch(cache: Path, accelerate_config: str | None, args: list[str], timeout: int = 240,
-           extra_launch: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+           extra_launch: list[str] | None = None, check: bool = True,
+           extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``accelerate launch [--config_file configs/accelerate/X] launch/train.py ARGS`` (or plain
-    python for a single process); raises with the output if it fails and ``check``."""
+    python for a single process), with ``extra_env`` on top of :func:`env_for`'s; raises with
+    the output if it fails and ``check``."""
     if accelerate_config is None:
         cmd = [PYTHON, "launch/train.py", *args]
     else:
         cmd = [ACCELERATE, "launch", "--config_file", f"configs/accelerate/{accelerate_config}",
                "--main_process_port", str(free_port()), *(extra_launch or []), "launch/train.py", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for(cache), capture_output=True, text=True, timeout=timeout)
+    env = {**env_for(cache), **(extra_env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

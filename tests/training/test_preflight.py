@@ -47,6 +47,16 @@ def test_check_devices_names_the_config_and_the_cpu_one(env, cpu_config):
     check_devices(False, env, lambda: True, config_file=None)  # a GPU is there: no error
 
 
+def test_deepspeed_without_its_cpu_accelerator_is_told_to_set_it():
+    ds = {"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_DEEPSPEED": "true"}
+    with pytest.raises(NoGPUError) as err:
+        check_devices(False, ds, no_cuda, config_file="configs/accelerate/deepspeed_zero3.yaml")
+    msg = str(err.value)
+    assert "DeepSpeed without DS_ACCELERATOR=cpu" in msg and "set DS_ACCELERATOR=cpu" in msg and "cpu_fsdp2.yaml" in msg
+    assert "--allow_cpu" not in msg  # it would not help: DeepSpeed must be told its accelerator
+    check_devices(False, {**ds, "DS_ACCELERATOR": "cpu"}, no_cuda, config_file=None)
+
+
 def test_a_cpu_config_with_a_gpu_override_gets_the_matching_hint():
     with pytest.raises(NoGPUError, match="without --mixed_precision bf16"):
         check_devices(False, GPU_ENV, no_cuda, config_file="configs/accelerate/cpu_fsdp2.yaml")

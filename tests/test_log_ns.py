@@ -99,6 +99,20 @@ def test_registry_cost_and_workspace() -> None:
     assert math.isfinite(log_ns.make_plan(0.125, 2.7e-4, 1).bound)
 
 
+@pytest.mark.parametrize("shape", [(512, 256), (256, 256), (1000, 100), (768, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measured_memory_within_the_registered_workspace(shape, dtype):
+    # the CPU allocator's peak during the call, less the float32 output, against the workspace
+    # the engine sizes its batches with (measured 0.54-0.73 of it on this project's CPU)
+    from memtrack import allocator_peak
+
+    m, n = shape
+    x = torch.randn(1, m, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    log_ns_power(x, 0.125, 1e-3)  # the plan: fitted once on the host (float64 grids), then cached
+    peak = allocator_peak(lambda: log_ns_power(x, 0.125, 1e-3))
+    assert 0 < peak - 4 * m * n <= method_workspace("log_ns", m, n)
+
+
 def test_plan_fit_is_reproducible_and_small() -> None:
     # the fit's columns are near-collinear after a long Gram phase; with the ridge term two fits
     # agree (a plain lstsq varied between runs, with coefficients up to 1e3) and stay small

@@ -83,7 +83,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         try:
             check_devices(cfg.train.allow_cpu)  # a GPU config without a GPU stops here, in seconds
         except NoGPUError as e:
-            print(f"{PREFIX}: error: {e}", file=sys.stderr, flush=True)
+            # Every process of a node sees the same devices: its first one speaks for the node.
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"{PREFIX}: error: {e}", file=sys.stderr, flush=True)
             return 2
         timeout_s = str(cfg.train.dist_timeout_s)
         # Installed before the (slow) process-group set-up: a signal then is not lost either.

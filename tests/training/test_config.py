@@ -20,6 +20,10 @@ def test_yaml_then_command_line_overrides(tmp_path):
     assert cfg.train.max_steps == 100 and cfg.train.optimizer == "muon"  # overridden
     cfg, accum = resolve(cfg, world_size=2)
     assert accum == 1 and cfg.train.power == 0.0 and cfg.train.spectral_method == "ns5"
+    # the YAML leaves warmup to max_steps: a short run needs no --warmup_steps of its own
+    assert cfg.train.warmup_steps == 10
+    assert resolve(parse_args(["--config", "configs/train/tiny_cpu.yaml"]), world_size=2)[0].train.warmup_steps == 24
+    assert resolve(parse_args(["--config", "configs/train/tiny_cpu.yaml", "--max_steps", "3"]), world_size=2)[0].train.warmup_steps == 1
 
 
 def test_reference_table_defaults():

@@ -94,6 +94,7 @@ def test_gpu_config_on_a_cpu_machine_exits_at_once(tmp_path):
     assert proc.returncode != 0
     assert ("htmuon-train: error: the accelerate config configs/accelerate/fsdp2.yaml asks for GPUs "
             "(mixed_precision bf16) but no CUDA device is visible") in proc.stderr
+    assert proc.stderr.count("htmuon-train: error:") == 1  # once per node, not once per process
     assert "--config_file configs/accelerate/cpu_fsdp2.yaml" in proc.stderr
     assert not (tmp_path / "out").exists()  # stopped before any work
     assert took < 60, f"took {took:.0f} s"  # interpreter + torch import, nothing else (~7 s here)

@@ -68,3 +68,16 @@ def metrics(output_dir: Path) -> tuple[dict[int, float], list[dict]]:
     """step -> train loss, and the eval rows, from metrics.jsonl."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r for r in rows if "eval_loss" in r]
+
+
+def assert_export_reproduces_probe(export: Path) -> None:
+    """The exported model loads in this one process and gives the logits the run recorded."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
+    model = LlamaForCausalLM.from_pretrained(str(export)).eval()
+    probe = torch.load(export / "probe_logits.pt")
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)

@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import TINY, launch, metrics
+from conftest import TINY, assert_export_reproduces_probe, launch, metrics
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 STEPS = 6
@@ -106,14 +105,7 @@ def test_zero3_resume_equals_uninterrupted(zero3_run, cache_dir, tmp_path):
 
 
 def test_zero3_export_loads_with_same_logits(zero3_run):
-    from transformers import LlamaForCausalLM
-
-    export = zero3_run / "final_model"
-    model = LlamaForCausalLM.from_pretrained(str(export)).eval()
-    probe = torch.load(export / "probe_logits.pt")
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"]).logits
-    torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)
+    assert_export_reproduces_probe(zero3_run / "final_model")
 
 
 @pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[2] / "configs" / "accelerate").glob("*.yaml")),

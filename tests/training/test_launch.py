@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import TINY, launch, metrics
+from conftest import TINY, assert_export_reproduces_probe, launch, metrics
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 STEPS = 8
@@ -62,15 +61,10 @@ def test_fsdp2_resume_equals_uninterrupted(fsdp2_run, cache_dir, tmp_path):
 
 
 def test_exported_model_loads_with_same_logits(fsdp2_run):
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     export = fsdp2_run / "final_model"
-    assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
-    model = LlamaForCausalLM.from_pretrained(str(export)).eval()
-    probe = torch.load(export / "probe_logits.pt")
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"]).logits
-    torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)
+    assert_export_reproduces_probe(export)
     tok = AutoTokenizer.from_pretrained(str(export))
     assert tok.decode(tok("Return the sum.")["input_ids"]) == "Return the sum."
 

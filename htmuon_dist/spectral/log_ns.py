@@ -233,6 +233,11 @@ def poly(coefs, x: torch.Tensor) -> torch.Tensor:
     return sum(c * x**j for j, c in enumerate(coefs))
 
 
+def derivative(coefs) -> tuple:
+    """The coefficients of poly(coefs)'s derivative."""
+    return tuple(j * c for j, c in enumerate(coefs) if j)
+
+
 def _bisect(rising, target: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """x in [lo, hi] with rising(x) = target, for an increasing ``rising`` (float64, host)."""
     a, b = torch.full_like(target, lo), torch.full_like(target, hi)
@@ -247,7 +252,7 @@ def _bisect(rising, target: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def rising_from(coefs: tuple[float, ...]) -> float:
     """The lowest x above which q = poly(coefs) is positive and increasing (q's largest root or
     turning point below 0), for a q with q(0) > 0 and q'(0) > 0 (float64, host)."""
-    slope = tuple(j * c for j, c in enumerate(coefs) if j)
+    slope = derivative(coefs)
     x = torch.linspace(-40.0, 0.0, 40001, dtype=torch.float64)
     bad = (poly(coefs, x) <= 0) | (poly(slope, x) <= 0)
     if not bool(bad.any()):
@@ -263,7 +268,7 @@ def through_map(target: torch.Tensor, coefs) -> tuple[torch.Tensor, torch.Tensor
     residuals errors of ln F (float64, host). Targets under E's rising range get its lower end."""
     if coefs is None:
         return target, torch.ones_like(target)
-    slope = tuple(j * c for j, c in enumerate(coefs) if j)
+    slope = derivative(coefs)
     x = _bisect(lambda v: 2.0 * poly(coefs, v).log(), target, rising_from(coefs), 60.0)
     return x, 2.0 * poly(slope, x) / poly(coefs, x)
 

@@ -250,7 +250,7 @@ def build_model_and_optimizer(rt: Runtime) -> Built:
     if strategy == "deepspeed":
         # The same per-name init as every other backend (ZeRO-3 may have partitioned the
         # parameters at construction: gathered a module at a time); DeepSpeed places them.
-        init_weights_(model, t.seed, std, zero3=any(hasattr(p, "ds_id") for p in model.parameters()))
+        init_weights_(model, t.seed, std)
     elif strategy == "fsdp2":
         reshard = t.fsdp_reshard_after_forward
         if reshard is None:
@@ -431,21 +431,14 @@ def train_step(rt: Runtime, built: Built, batches: StepBatches, step: int) -> St
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if strategy == "deepspeed":
-            # Accelerate's backward marks the engine's accumulation boundary (and steps it) from
-            # this flag, which would otherwise stay True: a DeepSpeed step per micro-batch.
-            rt.accelerator.sync_gradients = i == accum - 1
-        with set_gradient_sync(model, strategy, i == accum - 1):
+        with set_gradient_sync(model, strategy, i == accum - 1, rt.accelerator):
             with rt.autocast():
                 loss, _ = token_loss_sum(model, batch, packed)
             scaled = loss / denom * (accum if strategy == "deepspeed" else 1)  # DeepSpeed divides by accum itself
             scaled = faults.poison_loss(scaled, step)
             rt.accelerator.backward(scaled)
         loss_sum += loss.detach().double()
-    if strategy == "deepspeed":  # the engine clipped in backward's engine.step(); its pre-clip norm
-        grad_norm = model.get_global_grad_norm()
-    else:
-        grad_norm = clip_grad_norm(model, strategy, rt.cfg.train.grad_clip)
+    grad_norm = clip_grad_norm(model, strategy, rt.cfg.train.grad_clip)
     optimizer.step()
     built.scheduler.step()
     optimizer.zero_grad(set_to_none=True)

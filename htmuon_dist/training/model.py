@@ -130,27 +130,26 @@ def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
 
 
 @torch.no_grad()
-def init_weights_(model: nn.Module, seed: int, std: float, zero3: bool = False) -> None:
+def init_weights_(model: nn.Module, seed: int, std: float) -> None:
     """LLaMA init: Linear/Embedding weights ~ N(0, std), biases 0, RMSNorm gains 1.
 
-    Works on plain tensors, on DTensor shards (FSDP2) and, with ``zero3``, on parameters that
-    DeepSpeed ZeRO-3 partitioned at construction: the full tensor is drawn on the parameter's
-    device from a per-name generator and each rank keeps its piece, so the result does not
-    depend on the world size or the sharding backend. Peak extra memory is one module's
-    parameters (ZeRO-3 gathers them one module at a time; every rank draws the same values and
-    rank 0's are kept).
+    Works on plain tensors, on DTensor shards (FSDP2) and on parameters that DeepSpeed ZeRO-3
+    partitioned at construction (``zero.Init``; they carry ``ds_id``): the full tensor is drawn
+    on the parameter's device from a per-name generator and each rank keeps its piece, so the
+    result does not depend on the world size or the sharding backend. Peak extra memory is one
+    module's parameters (ZeRO-3's are gathered one module at a time; every rank draws the same
+    values and rank 0's are kept).
     """
     from contextlib import nullcontext
 
     for module_name, module in model.named_modules():
         params = list(module.named_parameters(recurse=False))
-        if not params:
-            continue
+        partitioned = [p for _, p in params if hasattr(p, "ds_id")]
         gathered = nullcontext()
-        if zero3:
+        if partitioned:
             import deepspeed
 
-            gathered = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0)
+            gathered = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
         with gathered:
             for pname, p in params:
                 _init_parameter(module, module_name, pname, p, seed, std)

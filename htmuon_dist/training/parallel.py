@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -104,12 +104,19 @@ def apply_fsdp1(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module
     )
 
 
-def set_gradient_sync(model: nn.Module, strategy: str, enabled: bool):
+def set_gradient_sync(model: nn.Module, strategy: str, enabled: bool, accelerator: Any):
     """A context manager: gradients are reduced across ranks only when ``enabled`` (the last
-    micro-batch of an accumulation window)."""
+    micro-batch of an accumulation window).
+
+    DeepSpeed reduces and steps at its engine's accumulation boundary, which Accelerate's
+    ``backward`` sets from ``accelerator.sync_gradients`` (and steps the engine when it is set):
+    left at its default True, that was a DeepSpeed step per micro-batch."""
     import contextlib
 
-    if enabled or strategy in ("none", "deepspeed"):  # DeepSpeed accumulates by its own config
+    if strategy == "deepspeed":
+        accelerator.sync_gradients = enabled
+        return contextlib.nullcontext()
+    if enabled or strategy == "none":
         if strategy == "fsdp2":
             model.set_requires_gradient_sync(True)
         return contextlib.nullcontext()
@@ -119,9 +126,13 @@ def set_gradient_sync(model: nn.Module, strategy: str, enabled: bool):
     return model.no_sync()  # DDP and FSDP1
 
 
-def clip_grad_norm(model: nn.Module, strategy: str, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, strategy: str, max_norm: float) -> Optional[torch.Tensor | float]:
     """Clips the global gradient norm (over all shards) and returns it as a plain scalar tensor.
-    With ``max_norm <= 0`` only measures it."""
+    With ``max_norm <= 0`` only measures it. DeepSpeed's engine clipped already (its
+    ``gradient_clipping``, set from the same option) inside ``backward``: its pre-clip norm, a
+    float (None where the engine computed none)."""
+    if strategy == "deepspeed":
+        return model.get_global_grad_norm()
     limit = max_norm if max_norm > 0 else float("inf")
     if strategy == "fsdp1":
         return model.clip_grad_norm_(limit)

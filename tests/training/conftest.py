@@ -64,9 +64,18 @@ def launch(cache: Path, accelerate_config: str | None, args: list[str], timeout:
     return proc
 
 
+def _metric_rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(output_dir: Path) -> dict[int, dict]:
+    """step -> that step's training row (loss, grad_norm, lr...) of metrics.jsonl."""
+    return {r["step"]: r for r in _metric_rows(output_dir) if "loss" in r}
+
+
 def metrics(output_dir: Path) -> tuple[dict[int, float], list[dict]]:
     """step -> train loss, and the eval rows, from metrics.jsonl."""
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = _metric_rows(output_dir)
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r for r in rows if "eval_loss" in r]
 
 

@@ -13,18 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, assert_export_reproduces_probe, launch, metrics
+from conftest import REPO, TINY, assert_export_reproduces_probe, launch, metrics, train_rows
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 STEPS = 6
 # total 16 = micro 4 x 2 ranks x 2 accumulated micro-batches
 ARGS = [*TINY, "--total_batch_size", "16", "--max_steps", str(STEPS), "--save_steps", "3"]
 DS_ENV = {"DS_ACCELERATOR": "cpu"}
-
-
-def _rows(out: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
 
 
 def _deepspeed(cache_dir: Path, stage: int, args: list[str]):
@@ -49,7 +44,7 @@ def zero3_run(cache_dir, tmp_path_factory) -> Path:
 
 
 def _assert_same_steps(out: Path, ddp: Path) -> None:
-    got, want = _rows(out), _rows(ddp)
+    got, want = train_rows(out), train_rows(ddp)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
         # fp32 on both sides; the reduction orders differ (measured: up to 2e-7 relative)
@@ -108,8 +103,7 @@ def test_zero3_export_loads_with_same_logits(zero3_run):
     assert_export_reproduces_probe(zero3_run / "final_model")
 
 
-@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[2] / "configs" / "accelerate").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_deepspeed_configs_leave_precision_to_the_json(config):
     """Accelerate refuses an accelerate config that sets ``mixed_precision`` beside a
     ``deepspeed_config_file`` (ValueError at ``Accelerator()``, on GPUs too): the json's
